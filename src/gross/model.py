@@ -1,0 +1,248 @@
+"""Whole-model conversion and the configuration API.
+
+A *configuration* is one group size per GroSS layer, in module order (``named_modules``), either
+as a tuple or as a dict ``name -> size``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Iterable, Mapping, Sequence, Union
+
+import torch
+from torch import nn
+
+from .sampling import sample_index
+from .series import GroSSConv2d, default_group_sizes
+
+__all__ = [
+    "Config",
+    "decompose",
+    "gross_layers",
+    "get_config",
+    "set_config",
+    "search_space",
+    "sample_config",
+    "layer_specs",
+    "restore_layers",
+]
+
+log = logging.getLogger("gross")
+
+Config = Union[Sequence[int], Mapping[str, int]]
+GroupSizes = Union[None, Sequence[int], Mapping[str, Sequence[int]]]
+
+
+def gross_layers(model: nn.Module) -> list[tuple[str, GroSSConv2d]]:
+    """The GroSS layers of a model as ``(name, module)``, in module order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, GroSSConv2d)]
+
+
+def _require_layers(model: nn.Module) -> list[tuple[str, GroSSConv2d]]:
+    layers = gross_layers(model)
+    if not layers:
+        raise ValueError("the model has no GroSS layers; call gross.decompose(model) first")
+    return layers
+
+
+def _sizes_for(name: str, width: int, group_sizes: GroupSizes) -> tuple[int, ...]:
+    if group_sizes is None:
+        return default_group_sizes(width)
+    wanted = group_sizes.get(name) if isinstance(group_sizes, Mapping) else group_sizes
+    if wanted is None:
+        return ()
+    return tuple(sorted({int(s) for s in wanted if width % int(s) == 0}))
+
+
+def decompose(
+    model: nn.Module,
+    group_sizes: GroupSizes = None,
+    skip: Iterable[str] = (),
+    nested: bool = True,
+    progress: Callable[[str, int, int], None] | None = None,
+    **btd_options,
+) -> nn.Module:
+    """Replace every eligible ``nn.Conv2d`` of ``model`` by a :class:`GroSSConv2d`, in place.
+
+    Eligible: ``groups == 1``, not named in ``skip``, and at least two candidate group sizes
+    (a layer with a single choice adds nothing to the search space, e.g. a 3-channel input conv).
+
+    Parameters
+    ----------
+    model : nn.Module
+    group_sizes : sequence of int, or dict name -> sequence of int, optional
+        Candidate sizes; for each layer the ones that divide its width are kept. A dict leaves
+        layers it does not name alone. Default: every power of two dividing the width.
+    skip : iterable of str
+        Module names (as in ``named_modules``) to leave alone.
+    nested : bool
+        See :meth:`GroSSConv2d.from_conv`.
+    progress : callable(name, index, total), optional
+        Called before each layer is decomposed.
+    **btd_options
+        Passed to :func:`gross.btd`.
+
+    Returns
+    -------
+    nn.Module
+        ``model`` itself, modified.
+    """
+    skip = set(skip)
+    names = {name for name, _ in model.named_modules()}
+    unknown = sorted(skip - names)
+    if unknown:
+        raise ValueError(f"skip names modules that do not exist: {unknown}")
+    if isinstance(group_sizes, Mapping):
+        missing = sorted(set(group_sizes) - names)
+        if missing:
+            raise ValueError(f"group_sizes names modules that do not exist: {missing}")
+    chosen: list[tuple[str, nn.Conv2d, tuple[int, ...]]] = []
+    left: list[str] = []
+    for name, m in model.named_modules():
+        if type(m) is not nn.Conv2d:
+            continue
+        width = btd_options.get("width") or m.in_channels
+        sizes = _sizes_for(name, width, group_sizes)
+        if name in skip:
+            left.append(f"{name} (skipped)")
+        elif m.groups != 1:
+            left.append(f"{name} (groups={m.groups})")
+        elif len(sizes) < 2:
+            left.append(f"{name} (group sizes {list(sizes)}: nothing to choose)")
+        else:
+            chosen.append((name, m, sizes))
+    if not chosen:
+        raise ValueError(
+            "nothing to decompose: no nn.Conv2d with groups=1 and at least two group sizes"
+            + (f"; left alone: {', '.join(left)}" if left else "")
+        )
+    if left:
+        log.info("decompose: left alone %s", ", ".join(left))
+    for i, (name, conv, sizes) in enumerate(chosen):
+        if progress is not None:
+            progress(name, i, len(chosen))
+        start = time.perf_counter()
+        layer = GroSSConv2d.from_conv(conv, group_sizes=sizes, nested=nested, **btd_options)
+        layer.train(conv.training)
+        _replace(model, name, layer)
+        log.info("decompose: %s %s in %.2fs", name, sizes, time.perf_counter() - start)
+    return model
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def get_config(model: nn.Module) -> tuple[int, ...]:
+    """The active group size of every GroSS layer, in module order."""
+    return tuple(m.group_size for _, m in _require_layers(model))
+
+
+def set_config(model: nn.Module, config: Config) -> None:
+    """Set the active group sizes: a tuple in module order, or a dict ``name -> size``.
+
+    A dict may name a subset of the layers; the others keep their size. Nothing changes when
+    any entry is invalid.
+    """
+    layers = _require_layers(model)
+    if isinstance(config, Mapping):
+        by_name = dict(layers)
+        unknown = sorted(set(config) - set(by_name))
+        if unknown:
+            raise ValueError(f"config names layers that are not GroSS layers: {unknown}; "
+                             f"GroSS layers: {list(by_name)}")
+        pairs = [(name, by_name[name], int(s)) for name, s in config.items()]
+    else:
+        config = tuple(config)
+        if len(config) != len(layers):
+            raise ValueError(f"config has {len(config)} entries but the model has {len(layers)} GroSS layers")
+        pairs = [(name, m, int(s)) for (name, m), s in zip(layers, config)]
+    for name, m, s in pairs:
+        if s not in m.group_sizes:
+            raise ValueError(f"group size {s} is invalid for layer {name}; valid: {list(m.group_sizes)}")
+    for _, m, s in pairs:
+        m.group_size = s
+
+
+def search_space(model: nn.Module) -> tuple[tuple[int, ...], ...]:
+    """The candidate group sizes of every GroSS layer, in module order."""
+    return tuple(m.group_sizes for _, m in _require_layers(model))
+
+
+def sample_config(
+    model: nn.Module, alpha: float = 0.0, generator: torch.Generator | None = None
+) -> tuple[int, ...]:
+    """Draw a configuration: each layer independently from the temperature distribution.
+
+    Returns the configuration without setting it (``set_config`` does that). Every process
+    of a data-parallel job must pass a generator seeded alike to draw the same configuration.
+    """
+    return tuple(sizes[sample_index(len(sizes), alpha, generator)] for sizes in search_space(model))
+
+
+def layer_specs(model: nn.Module) -> list[dict]:
+    """JSON-ready description of every GroSS layer, enough to rebuild them without decomposing.
+
+    Together with the base architecture and a state dict this restores a trained GroSS model
+    (see :func:`restore_layers`).
+    """
+    specs = []
+    for name, m in gross_layers(model):
+        specs.append(
+            {
+                "name": name,
+                "in_channels": m.in_channels,
+                "out_channels": m.out_channels,
+                "kernel_size": list(m.kernel_size),
+                "stride": list(m.stride),
+                "padding": m.padding if isinstance(m.padding, str) else list(m.padding),
+                "dilation": list(m.dilation),
+                "bias": m.bias is not None,
+                "padding_mode": m.padding_mode,
+                "width": m.width,
+                "group_sizes": list(m.group_sizes),
+                "group_size": m.group_size,
+            }
+        )
+    return specs
+
+
+def restore_layers(model: nn.Module, specs: Sequence[Mapping]) -> nn.Module:
+    """Replace the convs named in ``specs`` by empty GroSS layers of that shape, in place.
+
+    The new layers hold zeros until a state dict is loaded. A spec that does not match the
+    conv it replaces (another architecture) raises ValueError.
+    """
+    for spec in specs:
+        name = spec["name"]
+        try:
+            conv = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"GroSS layer {name!r} does not exist in this architecture") from None
+        if not isinstance(conv, nn.Conv2d) or (conv.in_channels, conv.out_channels) != (
+            spec["in_channels"],
+            spec["out_channels"],
+        ):
+            raise ValueError(f"GroSS layer {name!r} does not match the module it replaces ({conv})")
+        param = conv.weight
+        layer = GroSSConv2d(
+            spec["in_channels"],
+            spec["out_channels"],
+            tuple(spec["kernel_size"]),
+            stride=tuple(spec["stride"]),
+            padding=spec["padding"] if isinstance(spec["padding"], str) else tuple(spec["padding"]),
+            dilation=tuple(spec["dilation"]),
+            bias=spec["bias"],
+            padding_mode=spec["padding_mode"],
+            group_sizes=spec["group_sizes"],
+            width=spec["width"],
+            device=param.device,
+            dtype=param.dtype,
+        )
+        layer.group_size = spec["group_size"]
+        layer.train(conv.training)
+        _replace(model, name, layer)
+    return model
