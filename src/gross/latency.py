@@ -1,0 +1,533 @@
+"""Measured latency per layer and group size, on the current device: a cost for the search.
+
+Fewer MACs is not faster everywhere: a depthwise bottleneck (group size 1) can be several times
+slower than the dense conv it replaces on a CPU at a large batch, while a wide layer at batch 1
+gets faster. :func:`latency_table` therefore times, with the layer's real input shape, every
+GroSS layer at every group size as the three plain convs it exports to, and optionally the
+original dense conv (``"dense"``), plus everything else in the network once. The sum over a
+configuration (:meth:`LatencyTable.cost`) then predicts the exported network's latency without
+building or timing it, so a search can rank millions of configurations by it.
+
+The remainder ("rest") is timed directly: the whole network with every GroSS layer replaced by
+a module that returns that layer's recorded output, i.e. every conv, norm, activation, pooling
+and linear layer that the configuration does not change, with the GroSS layers costing nothing.
+Subtracting the table from a timed whole network instead would fold timing noise of several
+layers into one number and can even go negative.
+
+What the table cannot see: interactions between layers (caches warmed by the previous layer,
+memory allocation patterns, kernels that a graph compiler would fuse). Timing each candidate
+alone on a hot cache favours small layers a little; ``benchmarks/latency_table.py`` measures how
+well the table's sum ranks whole exported networks.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Hashable, Mapping, Sequence, TypeVar, Union
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .model import _replace, gross_layers
+from .series import GroSSConv2d
+
+__all__ = [
+    "DENSE",
+    "Choice",
+    "LatencyTable",
+    "latency_table",
+    "measure_latency",
+    "compare_latency",
+    "dense_conv",
+    "normalize_choice",
+]
+
+DENSE = "dense"
+Choice = Union[int, str]  # a group size, or DENSE for the original (dense) convolution
+K = TypeVar("K", bound=Hashable)
+
+_FORMAT = "gross-latency-table"
+_VERSION = 1
+
+
+def normalize_choice(entry: object) -> Choice:
+    """One configuration entry as a group size (int) or ``"dense"``; ``0`` also means dense.
+
+    Raises
+    ------
+    ValueError
+        For anything else (negative numbers, other strings, non-integral floats).
+    """
+    if isinstance(entry, str):
+        if entry.lower() == DENSE:
+            return DENSE
+        raise ValueError(f"a configuration entry is a group size or {DENSE!r}, got {entry!r}")
+    try:
+        size = int(entry)  # numpy and torch integers too
+    except (TypeError, ValueError):
+        raise ValueError(f"a configuration entry is a group size or {DENSE!r}, got {entry!r}") from None
+    if size != entry or size < 0:
+        raise ValueError(f"a group size is a non-negative integer (0 = {DENSE!r}), got {entry!r}")
+    return DENSE if size == 0 else size
+
+
+def dense_conv(layer: GroSSConv2d, group_size: int | None = None) -> nn.Conv2d:
+    """The single ``nn.Conv2d`` that equals ``layer``'s bottleneck at a group size (a detached copy).
+
+    A bottleneck has no nonlinearity inside, so ``Q . blockdiag(R) . P`` is one conv of the
+    original shape, stride, padding and dilation, with weight :meth:`GroSSConv2d.dense_weight`
+    and the layer's bias. Padding commutes with the first pointwise conv for every padding mode
+    (it has no bias and acts per pixel), so the fused conv is exact up to rounding.
+
+    Parameters
+    ----------
+    layer : GroSSConv2d
+    group_size : int, optional
+        Default: the active one.
+
+    Returns
+    -------
+    nn.Conv2d
+        Weight of shape ``(C_out, C_in, kh, kw)``, ``groups=1``.
+    """
+    with torch.no_grad():
+        weight = layer.dense_weight(group_size).detach()
+        conv = nn.Conv2d(
+            layer.in_channels,
+            layer.out_channels,
+            layer.kernel_size,
+            stride=layer.stride,
+            padding=layer.padding,
+            dilation=layer.dilation,
+            bias=layer.bias is not None,
+            padding_mode=layer.padding_mode,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+        conv.weight.copy_(weight)
+        if layer.bias is not None:
+            conv.bias.copy_(layer.bias.detach())
+    return conv
+
+
+@dataclass(frozen=True)
+class LatencyTable:
+    """Milliseconds per GroSS layer and choice, plus the rest of the network, on one device.
+
+    Attributes
+    ----------
+    layers : tuple of str
+        GroSS layer names, in module order (the order of a configuration tuple).
+    options : tuple of dict
+        Per layer: choice (group size, or ``"dense"`` for the original conv) -> ms.
+    rest : float
+        ms of everything that is not a GroSS layer (see the module docstring).
+    input_shapes : tuple of tuple of int
+        Per layer: the ``(N, C, H, W)`` input it was timed with.
+    meta : dict
+        Device, batch size, torch version, threads, timing settings (JSON-ready).
+    """
+
+    layers: tuple[str, ...]
+    options: tuple[dict[Choice, float], ...]
+    rest: float
+    input_shapes: tuple[tuple[int, ...], ...]
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n = len(self.layers)
+        if len(self.options) != n or len(self.input_shapes) != n:
+            raise ValueError(
+                f"a latency table needs one options dict and one input shape per layer: {n} layers, "
+                f"{len(self.options)} options, {len(self.input_shapes)} shapes"
+            )
+        for name, options in zip(self.layers, self.options):
+            if not options or any(not (math.isfinite(v) and v >= 0) for v in options.values()):
+                raise ValueError(f"layer {name!r} needs finite non-negative times, got {options}")
+        if not (math.isfinite(self.rest) and self.rest >= 0):
+            raise ValueError(f"rest must be a finite non-negative time, got {self.rest}")
+
+    @property
+    def has_dense(self) -> bool:
+        """Whether every layer offers the original dense conv as a choice."""
+        return all(DENSE in options for options in self.options)
+
+    def choices(self) -> tuple[tuple[Choice, ...], ...]:
+        """Per layer, its choices: the group sizes ascending, then ``"dense"`` if timed."""
+        return tuple(
+            tuple(sorted(k for k in options if k != DENSE)) + ((DENSE,) if DENSE in options else ())
+            for options in self.options
+        )
+
+    def _entries(self, config: Sequence[object] | Mapping[str, object]) -> list[Choice]:
+        if isinstance(config, Mapping):
+            missing = [n for n in self.layers if n not in config]
+            unknown = sorted(set(config) - set(self.layers))
+            if missing or unknown:
+                raise ValueError(f"config must name every table layer; missing {missing}, unknown {unknown}")
+            config = [config[n] for n in self.layers]
+        config = list(config)
+        if len(config) != len(self.layers):
+            raise ValueError(f"config has {len(config)} entries, the table has {len(self.layers)} layers")
+        return [normalize_choice(e) for e in config]
+
+    def per_layer(self, config: Sequence[object] | Mapping[str, object]) -> dict[str, float]:
+        """ms of each GroSS layer at ``config``, in module order (``rest`` not included).
+
+        Parameters
+        ----------
+        config : tuple in module order, or dict naming every layer
+            Entries: a group size, or ``"dense"`` / ``0`` for the original conv.
+        """
+        out = {}
+        for name, options, choice in zip(self.layers, self.options, self._entries(config)):
+            if choice not in options:
+                raise ValueError(
+                    f"{choice!r} is not a timed choice of layer {name!r}; timed: {sorted(map(str, options))}"
+                )
+            out[name] = options[choice]
+        return out
+
+    def cost(self, config: Sequence[object] | Mapping[str, object]) -> float:
+        """Predicted latency (ms) of the exported network at ``config``: the layers plus ``rest``."""
+        return self.rest + sum(self.per_layer(config).values())
+
+    __call__ = cost
+
+    def fused_faster(self, config: Sequence[object] | Mapping[str, object]) -> set[str]:
+        """The layers whose bottleneck at ``config`` is slower than the same map as one dense conv.
+
+        Those are the layers :func:`gross.export.export` fuses with ``fuse="auto"``: the fused
+        conv computes the bottleneck's outputs exactly, in the dense conv's time.
+        """
+        if not self.has_dense:
+            raise ValueError("the table has no dense timings; build it with include_dense=True")
+        return {
+            name
+            for name, options, choice in zip(self.layers, self.options, self._entries(config))
+            if choice != DENSE and options[DENSE] < options[choice]
+        }
+
+    def to_dict(self) -> dict:
+        """JSON-ready form; choices become string keys (``"1"``, ``"dense"``)."""
+        return {
+            "format": _FORMAT,
+            "version": _VERSION,
+            "unit": "ms",
+            "meta": self.meta,
+            "rest_ms": self.rest,
+            "layers": [
+                {"name": name, "input_shape": list(shape), "ms": {str(k): v for k, v in options.items()}}
+                for name, options, shape in zip(self.layers, self.options, self.input_shapes)
+            ],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "LatencyTable":
+        """Inverse of :meth:`to_dict`; a malformed dict raises ValueError."""
+        if not isinstance(data, Mapping) or data.get("format") != _FORMAT:
+            raise ValueError(f"not a latency table (expected format {_FORMAT!r})")
+        if data.get("version") != _VERSION:
+            raise ValueError(f"unsupported latency table version {data.get('version')!r}, expected {_VERSION}")
+        try:
+            layers = data["layers"]
+            return cls(
+                layers=tuple(str(entry["name"]) for entry in layers),
+                options=tuple(
+                    {normalize_choice(k if k == DENSE else int(k)): float(v) for k, v in entry["ms"].items()}
+                    for entry in layers
+                ),
+                rest=float(data["rest_ms"]),
+                input_shapes=tuple(tuple(int(d) for d in entry["input_shape"]) for entry in layers),
+                meta=dict(data.get("meta", {})),
+            )
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"malformed latency table: {e!r}") from None
+
+    def save(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "LatencyTable":
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_dict(data)
+
+
+def _synchronizer(device: torch.device) -> Callable[[], None]:
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    if device.type == "mps":
+        return torch.mps.synchronize
+    return lambda: None
+
+
+def _bench(
+    fns: Mapping[K, Callable[[], object]],
+    *,
+    warmup: int,
+    repeats: int,
+    block_ms: float,
+    quantile: float,
+    sync: Callable[[], None],
+) -> dict[K, float]:
+    """The ``quantile`` of the ms per call of every callable, timed round-robin.
+
+    Each sample runs one callable enough times to last about ``block_ms``, so that sub-ms
+    layers are not dominated by timer and dispatch jitter; the callables take turns sample by
+    sample, so that drift in machine load (other processes, clock boost) hits them all alike.
+    """
+    if warmup < 1 or repeats < 1:
+        raise ValueError(f"warmup and repeats must be >= 1, got {warmup} and {repeats}")
+    if not 0 <= quantile <= 1:
+        raise ValueError(f"quantile must lie in [0, 1], got {quantile}")
+    number: dict[K, int] = {}
+    for key, fn in fns.items():
+        first = []
+        for _ in range(warmup):
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            first.append(time.perf_counter() - start)
+        one = max(min(first), 1e-7)
+        number[key] = max(1, min(10_000, math.ceil(block_ms * 1e-3 / one)))
+    samples: dict[K, list[float]] = {key: [] for key in fns}
+    for _ in range(repeats):
+        for key, fn in fns.items():
+            n = number[key]
+            sync()
+            start = time.perf_counter()
+            for _ in range(n):
+                fn()
+            sync()
+            samples[key].append((time.perf_counter() - start) / n)
+    return {key: 1e3 * float(np.quantile(values, quantile)) for key, values in samples.items()}
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _meta(device: torch.device, batch_size: int, warmup: int, repeats: int, block_ms: float, quantile: float) -> dict:
+    return {
+        "device": str(device),
+        "device_name": _device_name(device),
+        "batch_size": batch_size,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
+        "warmup": warmup,
+        "repeats": repeats,
+        "block_ms": block_ms,
+        "quantile": quantile,
+    }
+
+
+def _placement(model: nn.Module, device: torch.device | str | None) -> tuple[torch.device, torch.dtype]:
+    param = next(model.parameters(), None)
+    default = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None else torch.get_default_dtype()
+    return torch.device(device) if device is not None else default, dtype
+
+
+def _sample_shape(input_shape: Sequence[int], batch_size: int) -> tuple[int, ...]:
+    shape = tuple(int(d) for d in input_shape)
+    if len(shape) != 3 or min(shape) < 1 or batch_size < 1:
+        raise ValueError(
+            f"input_shape is one sample's (C, H, W) and batch_size >= 1, got {tuple(input_shape)} and {batch_size}"
+        )
+    return (batch_size,) + shape
+
+
+class _Recorded(nn.Module):
+    """Stands in for a GroSS layer while the rest of the network is timed: returns its output."""
+
+    def __init__(self, output: Tensor) -> None:
+        super().__init__()
+        self.output = output
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.output
+
+
+def latency_table(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    *,
+    batch_size: int = 1,
+    device: torch.device | str | None = None,
+    warmup: int = 5,
+    repeats: int = 25,
+    block_ms: float = 1.0,
+    quantile: float = 0.5,
+    include_dense: bool = True,
+) -> LatencyTable:
+    """Time every GroSS layer at every group size (and dense), and the rest, on one device.
+
+    Each layer is timed as its exported bottleneck (:meth:`GroSSConv2d.bottleneck`: three plain
+    convs, not the GroSS forward, which also sums the difference terms) on the input it received
+    in one forward pass of the whole network; the dense choice is :func:`dense_conv` at the
+    largest group size. Timing runs in eval mode under ``torch.inference_mode``, with the current
+    thread settings (``torch.set_num_threads``), on a copy of ``model``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A model with GroSS layers.
+    input_shape : (C, H, W)
+        One sample's shape.
+    batch_size : int
+    device : torch.device or str, optional
+        Default: the device of the model's parameters.
+    warmup : int
+        Untimed calls per candidate, before timing (also used to size the timed blocks).
+    repeats : int
+        Timed samples per candidate.
+    block_ms : float
+        Each sample repeats the call until it lasts about this long.
+    quantile : float
+        Which quantile of the samples the table holds: 0.5, the median, by default. On cores
+        shared with other processes, preemption adds milliseconds to many of the samples; a low
+        quantile (0 keeps the fastest) discards those (see ``benchmarks/latency_table.py``).
+    include_dense : bool
+        Also time the original dense conv of every layer (choice ``"dense"``).
+
+    Returns
+    -------
+    LatencyTable
+    """
+    shape = _sample_shape(input_shape, batch_size)
+    device, dtype = _placement(model, device)
+    net = copy.deepcopy(model).to(device).eval()
+    layers = gross_layers(net)
+    if not layers:
+        raise ValueError("the model has no GroSS layers; call gross.decompose(model) first")
+    if layers[0][0] == "":
+        raise ValueError("the model is a bare GroSS layer; time it inside its network (or an nn.Sequential)")
+    recorded: dict[str, tuple[Tensor, Tensor]] = {}
+
+    def record(name: str):
+        def hook(m: nn.Module, inputs: tuple[Tensor, ...], out: Tensor) -> None:
+            recorded[name] = (inputs[0].detach(), out.detach())
+        return hook
+
+    hooks = [m.register_forward_hook(record(name)) for name, m in layers]
+    try:
+        with torch.no_grad():
+            net(torch.randn(shape, device=device, dtype=dtype))
+    finally:
+        for h in hooks:
+            h.remove()
+    unused = [name for name, _ in layers if name not in recorded]
+    if unused:
+        raise ValueError(f"GroSS layers {unused} were not called in the forward pass; cannot time them")
+    rest = ("rest",)
+    fns: dict[tuple, Callable[[], object]] = {}
+    for name, layer in layers:
+        x = recorded[name][0]
+        for s in layer.group_sizes:
+            fns[("layer", name, s)] = _call(layer.bottleneck(s).eval(), x)
+        if include_dense:
+            fns[("layer", name, DENSE)] = _call(dense_conv(layer, layer.group_sizes[-1]).eval(), x)
+    for name, _ in layers:
+        # Only now that every candidate is built: the copy loses its GroSS layers here.
+        _replace(net, name, _Recorded(recorded[name][1]))
+    fns[rest] = _call(net, torch.randn(shape, device=device, dtype=dtype))
+    with torch.inference_mode():
+        times = _bench(
+            fns, warmup=warmup, repeats=repeats, block_ms=block_ms, quantile=quantile, sync=_synchronizer(device)
+        )
+    names = tuple(name for name, _ in layers)
+    return LatencyTable(
+        layers=names,
+        options=tuple({key[2]: t for key, t in times.items() if key[1:2] == (name,)} for name in names),
+        rest=times[rest],
+        input_shapes=tuple(tuple(recorded[name][0].shape) for name in names),
+        meta=_meta(device, batch_size, warmup, repeats, block_ms, quantile),
+    )
+
+
+def _call(module: nn.Module, x: Tensor) -> Callable[[], object]:
+    # A function, not a lambda in the loop: each closure must keep its own module and input.
+    return lambda: module(x)
+
+
+def compare_latency(
+    models: Mapping[K, nn.Module],
+    input_shape: Sequence[int],
+    *,
+    batch_size: int = 1,
+    device: torch.device | str | None = None,
+    warmup: int = 5,
+    repeats: int = 25,
+    block_ms: float = 1.0,
+    quantile: float = 0.5,
+) -> dict[K, float]:
+    """ms per forward pass (median by default) of several whole networks, timed round-robin.
+
+    Timing the networks in turns, not one after the other, keeps drift in machine load from
+    favouring whichever ran first. Runs in eval mode under ``torch.inference_mode`` on copies.
+
+    Parameters
+    ----------
+    models : dict key -> nn.Module
+    input_shape : (C, H, W)
+    batch_size, device, warmup, repeats, block_ms, quantile
+        As in :func:`latency_table`; ``device`` defaults to each model's parameter device.
+    """
+    shape = _sample_shape(input_shape, batch_size)
+    fns: dict[K, Callable[[], object]] = {}
+    devices = set()
+    with torch.inference_mode():
+        for key, model in models.items():
+            dev, dtype = _placement(model, device)
+            devices.add(dev)
+            net = copy.deepcopy(model).to(dev).eval()
+            fns[key] = _call(net, torch.randn(shape, device=dev, dtype=dtype))
+        if len(devices) > 1:
+            raise ValueError(f"the models sit on several devices {sorted(map(str, devices))}; pass device=")
+        sync = _synchronizer(devices.pop()) if devices else (lambda: None)
+        return _bench(fns, warmup=warmup, repeats=repeats, block_ms=block_ms, quantile=quantile, sync=sync)
+
+
+def measure_latency(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    *,
+    batch_size: int = 1,
+    device: torch.device | str | None = None,
+    warmup: int = 5,
+    repeats: int = 25,
+    block_ms: float = 1.0,
+    quantile: float = 0.5,
+) -> float:
+    """ms per forward pass (median by default) of one network; see :func:`compare_latency`."""
+    return compare_latency(
+        {"model": model},
+        input_shape,
+        batch_size=batch_size,
+        device=device,
+        warmup=warmup,
+        repeats=repeats,
+        block_ms=block_ms,
+        quantile=quantile,
+    )["model"]
