@@ -92,6 +92,16 @@ def test_sample_config_is_deterministic_and_tempered():
 
 
 def test_group_sizes_mapping_and_validation():
-    model = gross.decompose(small_paper_net(), group_sizes={"conv4": [1, 4, 16, 32]}, max_iter=10)
+    model = gross.decompose(small_paper_net(), group_sizes={"conv4": [1, 4, 16]}, max_iter=10)
     assert [n for n, _ in gross.gross_layers(model)] == ["conv4"]
     assert gross.search_space(model) == ((1, 4, 16),)
+
+
+def test_a_dict_builds_a_fixed_configuration():
+    model = gross.decompose(small_paper_net(), group_sizes={"conv1": [1], "conv3": [2]}, nested=False, max_iter=10)
+    assert [n for n, _ in gross.gross_layers(model)] == ["conv1", "conv3"]
+    assert gross.search_space(model) == ((1,), (2,))
+    with pytest.raises(ValueError, match="divisors of its width 8"):
+        gross.decompose(small_paper_net(), group_sizes={"conv3": [3]})
+    with pytest.raises(ValueError, match="not an nn.Conv2d"):
+        gross.decompose(small_paper_net(), group_sizes={"fc1": [1]})

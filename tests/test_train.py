@@ -479,5 +479,5 @@ def test_decompose_fixed_and_train_fixed(tmp_path):
     assert set(history) == {"reconstruct", "finetune"} and len(history["finetune"]) == 1
     assert (tmp_path / "reconstruct" / train.CHECKPOINT).is_file()
     assert "val_acc" in history["finetune"][0]
-    with pytest.raises(ValueError, match="no layer 'conv9'"):
+    with pytest.raises(ValueError, match="do not exist: \\['conv9'\\]"):
         train.decompose_fixed(tiny_net(), {"conv9": 2})

@@ -8,7 +8,8 @@ cost budget and export the chosen network as plain PyTorch layers.
 from . import models
 from .btd import BTD, btd, btd_to_weight
 from .expand import expand
-from .export import export
+from .export import export, export_onnx, load, save
+from .latency import LatencyTable, latency_table
 from .macs import MACs, MACsTable, count_macs, macs_table
 from .model import (
     decompose,
@@ -21,6 +22,7 @@ from .model import (
     set_config,
 )
 from .sampling import group_size_probs
+from .search import SearchResult, evaluate_configs, search
 from .series import GroSSConv2d, default_group_sizes
 
 __version__ = "0.1.0"
@@ -46,5 +48,13 @@ __all__ = [
     "count_macs",
     "macs_table",
     "export",
+    "save",
+    "load",
+    "export_onnx",
+    "LatencyTable",
+    "latency_table",
+    "SearchResult",
+    "evaluate_configs",
+    "search",
     "models",
 ]

@@ -66,14 +66,17 @@ def decompose(
     """Replace every eligible ``nn.Conv2d`` of ``model`` by a :class:`GroSSConv2d`, in place.
 
     Eligible: ``groups == 1``, not named in ``skip``, and at least two candidate group sizes
-    (a layer with a single choice adds nothing to the search space, e.g. a 3-channel input conv).
+    (a layer with a single choice adds nothing to the search space, e.g. a 3-channel input conv)
+    unless ``group_sizes`` is a dict that names the layer: that is how a fixed configuration
+    (one size per layer) is built.
 
     Parameters
     ----------
     model : nn.Module
     group_sizes : sequence of int, or dict name -> sequence of int, optional
         Candidate sizes; for each layer the ones that divide its width are kept. A dict leaves
-        layers it does not name alone. Default: every power of two dividing the width.
+        layers it does not name alone, and a size in it that does not divide the named layer's
+        width is an error. Default: every power of two dividing the width.
     skip : iterable of str
         Module names (as in ``named_modules``) to leave alone.
     nested : bool
@@ -93,10 +96,19 @@ def decompose(
     unknown = sorted(skip - names)
     if unknown:
         raise ValueError(f"skip names modules that do not exist: {unknown}")
-    if isinstance(group_sizes, Mapping):
+    explicit = isinstance(group_sizes, Mapping)
+    if explicit:
         missing = sorted(set(group_sizes) - names)
         if missing:
             raise ValueError(f"group_sizes names modules that do not exist: {missing}")
+        for name, wanted in group_sizes.items():
+            m = model.get_submodule(name)
+            if type(m) is not nn.Conv2d:
+                raise ValueError(f"group_sizes names {name!r}, a {type(m).__name__}, not an nn.Conv2d")
+            width = btd_options.get("width") or m.in_channels
+            bad = [int(s) for s in wanted if int(s) < 1 or width % int(s)]
+            if bad or not wanted:
+                raise ValueError(f"group sizes {list(wanted)} for {name!r} must be divisors of its width {width}")
     chosen: list[tuple[str, nn.Conv2d, tuple[int, ...]]] = []
     left: list[str] = []
     for name, m in model.named_modules():
@@ -108,7 +120,7 @@ def decompose(
             left.append(f"{name} (skipped)")
         elif m.groups != 1:
             left.append(f"{name} (groups={m.groups})")
-        elif len(sizes) < 2:
+        elif len(sizes) < 2 and not (explicit and sizes):
             left.append(f"{name} (group sizes {list(sizes)}: nothing to choose)")
         else:
             chosen.append((name, m, sizes))

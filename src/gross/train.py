@@ -62,7 +62,7 @@ from .config import (
     milestone_epochs,
 )
 from .data import Augmentation, Dataset, Splits, apply_augmentation, draw_augmentation, load_dataset, normalize, num_batches
-from .model import Config, get_config, gross_layers, sample_config, search_space, set_config
+from .model import Config, decompose, get_config, gross_layers, sample_config, search_space, set_config
 from .series import GroSSConv2d
 
 __all__ = [
@@ -874,25 +874,12 @@ def decompose_fixed(
 ) -> nn.Module:
     """Replace each named conv by a GroSS layer with that single group size, in place.
 
-    :func:`gross.decompose` leaves layers with one candidate size alone (nothing to search); a
-    fixed configuration wants exactly those. ``btd_options`` go to :func:`gross.btd`.
+    ``btd_options`` go to :func:`gross.btd`.
     """
     if not config:
         raise ValueError("the fixed configuration names no layers")
-    for i, (name, size) in enumerate(config.items()):
-        try:
-            conv = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"the network has no layer {name!r}") from None
-        if type(conv) is not nn.Conv2d:
-            raise ValueError(f"layer {name!r} is a {type(conv).__name__}, not an nn.Conv2d")
-        if progress is not None:
-            progress(name, i, len(config))
-        layer = GroSSConv2d.from_conv(conv, group_sizes=[int(size)], nested=False, **btd_options)
-        layer.train(conv.training)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, layer)
-    return model
+    sizes = {name: [int(size)] for name, size in config.items()}
+    return decompose(model, sizes, nested=False, progress=progress, **btd_options)
 
 
 def train_fixed(

@@ -1,0 +1,268 @@
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gross.btd import BTD, btd, btd_to_weight
+
+btd_module = sys.modules["gross.btd"]  # `gross.btd` the attribute is the function
+
+
+def random_btd(c_out, c_in, d, g, kh=3, kw=3, seed=0, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    first = torch.randn(d, c_in, 1, 1, generator=gen, dtype=dtype)
+    core = torch.randn(d, g, kh, kw, generator=gen, dtype=dtype)
+    last = torch.randn(c_out, d, 1, 1, generator=gen, dtype=dtype)
+    return BTD(first, core, last, [])
+
+
+def rel_error(w_hat, w):
+    return float((w_hat - w).norm() / w.norm())
+
+
+def he_weight(c_out, c_in, kh=3, kw=3, seed=0, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(c_out, c_in, kh, kw, generator=gen, dtype=dtype) * (2.0 / (c_out * kh * kw)) ** 0.5
+
+
+def reference_weight(result):
+    """Dense block-diagonal core, one explicit term per group."""
+    d, c_in = result.first.shape[:2]
+    c_out = result.last.shape[0]
+    _, g, kh, kw = result.core.shape
+    dense = torch.zeros(d, d, kh, kw, dtype=result.core.dtype)
+    for r in range(d // g):
+        dense[r * g : (r + 1) * g, r * g : (r + 1) * g] = result.core[r * g : (r + 1) * g]
+    p, q = result.first[:, :, 0, 0], result.last[:, :, 0, 0]
+    return torch.einsum("od,dehw,ei->oihw", q, dense, p)
+
+
+# --- btd_to_weight -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(16, 8, 8, 2, 3, 3), (6, 10, 12, 4, 1, 3), (9, 5, 6, 6, 3, 1), (4, 4, 8, 1, 1, 1)])
+def test_btd_to_weight_matches_reference(shape):
+    c_out, c_in, d, g, kh, kw = shape
+    fac = random_btd(c_out, c_in, d, g, kh, kw)
+    torch.testing.assert_close(btd_to_weight(fac), reference_weight(fac), rtol=1e-12, atol=1e-12)
+
+
+def test_btd_to_weight_is_the_bottleneck():
+    # first 1x1 conv, grouped conv (padding on it), last 1x1 conv == one conv with W_hat.
+    fac = random_btd(12, 8, 8, 4, 3, 3)
+    x = torch.randn(2, 8, 7, 7, dtype=torch.float64)
+    y = F.conv2d(x, fac.first)
+    y = F.conv2d(y, fac.core, padding=1, groups=8 // 4)
+    y = F.conv2d(y, fac.last)
+    torch.testing.assert_close(y, F.conv2d(x, btd_to_weight(fac), padding=1), rtol=1e-10, atol=1e-10)
+
+
+# --- exact recovery --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("g", [1, 2, 4, 8, 16])
+@pytest.mark.parametrize("c_out", [16, 24])
+def test_recovers_exact_btd(c_out, g):
+    w = btd_to_weight(random_btd(c_out, 16, 16, g, seed=g + c_out))
+    fit = btd(w, g)
+    assert rel_error(btd_to_weight(fit), w) < 1e-8
+    assert fit.errors[-1] < 1e-8
+
+
+@pytest.mark.parametrize("c_out, g", [(8, 1), (8, 8), (8, 16), (12, 1), (12, 16)])
+def test_recovers_exact_btd_fewer_outputs(c_out, g):
+    # C_out < D: no algebraic start; these sizes are still recovered by ALS.
+    w = btd_to_weight(random_btd(c_out, 16, 16, g, seed=3))
+    assert rel_error(btd_to_weight(btd(w, g)), w) < 1e-5
+
+
+@pytest.mark.parametrize("kh, kw, g", [(1, 3, 2), (3, 1, 4), (1, 1, 2), (1, 1, 8), (5, 5, 4)])
+def test_recovers_exact_btd_other_kernels(kh, kw, g):
+    w = btd_to_weight(random_btd(12, 8, 8, g, kh, kw, seed=5))
+    fit = btd(w, g)
+    assert fit.core.shape == (8, g, kh, kw)
+    assert rel_error(btd_to_weight(fit), w) < 1e-8
+
+
+def test_recovers_exact_btd_narrower_width():
+    w = btd_to_weight(random_btd(16, 12, 8, 2, seed=7))
+    fit = btd(w, 2, width=8)
+    assert fit.first.shape == (8, 12, 1, 1) and fit.last.shape == (16, 8, 1, 1)
+    assert rel_error(btd_to_weight(fit), w) < 1e-8
+
+
+def test_recovers_exact_btd_conjugate_gradient_core(monkeypatch):
+    # D * g above the direct-solve limit: the core step runs CG.
+    monkeypatch.setattr(btd_module, "_DIRECT_MAX", 16)
+    monkeypatch.setattr(btd_module, "_DIRECT_MIN_GROUPS", 1000)
+    w = btd_to_weight(random_btd(20, 16, 16, 4, seed=11))
+    assert rel_error(btd_to_weight(btd(w, 4)), w) < 1e-8
+
+
+def test_conjugate_gradient_core_matches_direct(monkeypatch):
+    w = he_weight(12, 16)
+    direct = btd(w, 4, max_iter=5)
+    monkeypatch.setattr(btd_module, "_DIRECT_MAX", 0)
+    monkeypatch.setattr(btd_module, "_DIRECT_MIN_GROUPS", 1000)
+    monkeypatch.setattr(btd_module, "_CG_MAX_ITER", 500)
+    monkeypatch.setattr(btd_module, "_CG_REL_TOL", 1e-13)
+    cg = btd(w, 4, max_iter=5)
+    assert cg.errors == pytest.approx(direct.errors, rel=1e-8)
+
+
+@pytest.mark.parametrize("c_out, kh, kw", [(16, 3, 3), (8, 3, 3), (16, 1, 1), (5, 1, 3)])
+def test_one_group_is_exact_tucker(c_out, kh, kw):
+    w = he_weight(c_out, 16, kh, kw, seed=1)
+    fit = btd(w, 16)
+    assert rel_error(btd_to_weight(fit), w) < 1e-12
+
+
+def test_one_group_more_outputs_is_best_tucker():
+    # C_out > C_in: the out-mode rank is limited to D; the SVD start is the (near-)optimal Tucker fit.
+    w = he_weight(24, 8, seed=2)
+    fit = btd(w, 8)
+    u = torch.linalg.svd(w.permute(0, 1, 2, 3).reshape(24, -1), full_matrices=False)[0][:, :8]
+    projected = torch.einsum("oa,pa,pihw->oihw", u, u, w)
+    assert fit.errors[-1] <= rel_error(projected, w) + 1e-12
+
+
+# --- behaviour on weights that are not a BTD -----------------------------------------------------
+
+
+def test_errors_monotone_and_converged():
+    w = he_weight(16, 16, seed=4)
+    fit = btd(w, 4, tol=1e-5, max_iter=1000)
+    e = fit.errors
+    assert all(b <= a + 1e-12 for a, b in zip(e, e[1:]))
+    assert len(e) < 1001 and e[-2] - e[-1] < 1e-5
+    assert rel_error(btd_to_weight(fit), w) == pytest.approx(e[-1], abs=1e-12)
+    assert 0.0 < e[-1] < e[0] < 1.0
+
+
+def test_max_iter_zero_returns_start():
+    w = he_weight(8, 8, seed=4)
+    fit = btd(w, 2, max_iter=0)
+    assert len(fit.errors) == 1
+    assert rel_error(btd_to_weight(fit), w) == pytest.approx(fit.errors[0], abs=1e-12)
+
+
+def test_larger_group_size_fits_better():
+    w = he_weight(16, 16, seed=6)
+    errs = [btd(w, g).errors[-1] for g in (1, 4, 16)]
+    assert errs[0] > errs[1] > errs[2]
+
+
+@pytest.mark.parametrize("init", [None, "random"])
+def test_deterministic(init):
+    w = he_weight(12, 8, seed=8)
+    a, b = btd(w, 2, init=init, seed=3, max_iter=30), btd(w, 2, init=init, seed=3, max_iter=30)
+    for x, y in zip(a[:3], b[:3]):
+        assert torch.equal(x, y)
+    assert a.errors == b.errors
+
+
+def test_random_init_depends_on_seed():
+    w = he_weight(12, 8, seed=8)
+    a, b = btd(w, 2, init="random", seed=0, max_iter=3), btd(w, 2, init="random", seed=1, max_iter=3)
+    assert not torch.equal(a.first, b.first)
+
+
+@pytest.mark.parametrize("g_small, g", [(1, 2), (2, 8), (4, 4), (2, 16)])
+def test_warm_start_never_worse(g_small, g):
+    w = he_weight(16, 16, seed=9)
+    small = btd(w, g_small, max_iter=40)
+    fit = btd(w, g, init=small, max_iter=40)
+    assert fit.core.shape[1] == g
+    assert fit.errors[0] == pytest.approx(small.errors[-1], abs=1e-12)
+    assert fit.errors[-1] <= small.errors[-1] + 1e-12
+    assert all(b <= a + 1e-12 for a, b in zip(fit.errors, fit.errors[1:]))
+    # Zero steps: the warm start itself, expanded.
+    same = btd(w, g, init=small, max_iter=0)
+    torch.testing.assert_close(btd_to_weight(same), btd_to_weight(small), rtol=1e-10, atol=1e-12)
+
+
+def test_warm_start_from_float32_and_exact():
+    w = btd_to_weight(random_btd(16, 16, 16, 2, seed=12))
+    exact = btd(w, 2)
+    fit = btd(w, 4, init=exact, max_iter=5)
+    assert fit.errors[0] < 1e-10 and fit.errors[-1] < 1e-10
+    fit32 = btd(w.float(), 8, init=btd(w.float(), 4), max_iter=5)
+    assert fit32.core.dtype == torch.float32 and fit32.errors[-1] < 1e-5
+
+
+def test_float32():
+    w64 = he_weight(16, 12, seed=10)
+    fit = btd(w64.float(), 4)
+    assert all(t.dtype == torch.float32 for t in fit[:3])
+    ref = btd(w64, 4)
+    assert fit.errors[-1] == pytest.approx(ref.errors[-1], abs=1e-4)
+    assert rel_error(btd_to_weight(fit).double(), w64) == pytest.approx(fit.errors[-1], abs=1e-5)
+    exact = btd_to_weight(random_btd(16, 16, 16, 4, seed=13)).float()
+    assert rel_error(btd_to_weight(btd(exact, 4)), exact) < 1e-5
+
+
+def test_zero_weight():
+    fit = btd(torch.zeros(4, 4, 3, 3), 2)
+    assert fit.errors == [0.0] and not btd_to_weight(fit).any()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda():
+    w = btd_to_weight(random_btd(16, 16, 16, 4, seed=14))
+    fit = btd(w.cuda(), 4)
+    assert fit.core.is_cuda and fit.errors[-1] < 1e-8
+    fit32 = btd(he_weight(32, 32).float().cuda(), 4, max_iter=20)
+    assert fit32.core.dtype == torch.float32 and fit32.errors[-1] < fit32.errors[0]
+
+
+# --- errors ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"group_size": 3}, "group_size"),
+        ({"group_size": 0}, "group_size"),
+        ({"group_size": -2}, "group_size"),
+        ({"group_size": 2.0}, "group_size"),
+        ({"group_size": 16}, "group_size"),
+        ({"group_size": 4, "width": 6}, "group_size"),
+        ({"group_size": 2, "width": 0}, "width"),
+        ({"group_size": 2, "init": "tucker"}, "init"),
+        ({"group_size": 2, "tol": -1.0}, "tol"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        btd(he_weight(8, 8), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "weight, match",
+    [
+        (torch.zeros(8, 8, 3), "4-d"),
+        (torch.zeros(8, 8, 3, 3, 1), "4-d"),
+        ([[1.0]], "4-d"),
+        (torch.zeros(8, 8, 3, 3, dtype=torch.int64), "floating"),
+        (torch.full((8, 8, 3, 3), float("nan")), "finite"),
+    ],
+)
+def test_bad_weight(weight, match):
+    with pytest.raises(ValueError, match=match):
+        btd(weight, 2)
+
+
+def test_bad_init():
+    w = he_weight(8, 8)
+    good = btd(w, 2, max_iter=2)
+    with pytest.raises(ValueError, match="group size"):
+        btd(w, 2, init=btd(w, 4, max_iter=2))  # 4 does not divide 2
+    with pytest.raises(ValueError, match="first"):
+        btd(w, 2, init=good._replace(first=good.first[:4]))
+    with pytest.raises(ValueError, match="last"):
+        btd(w, 2, init=good._replace(last=good.last[:, :4]))
+    with pytest.raises(ValueError, match="core"):
+        btd(w, 2, init=good._replace(core=good.core[..., :1]))
+    with pytest.raises(ValueError, match="first"):
+        btd(he_weight(8, 6), 2, init=good)
