@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -141,7 +142,7 @@ def tiny_args(tmp: Path, name: str = "t") -> list[str]:
 
 
 def test_run_writes_every_stage_and_prints_the_table(tmp_path, capsys):
-    assert main(["run", *tiny_args(tmp_path)]) == 0
+    assert main(["run", *tiny_args(tmp_path), "--set", "export.onnx=false"]) == 0
     out, err = capsys.readouterr()
     run = tmp_path / "runs" / "t"
     for stage in ("base", "decompose", "reconstruct", "gross"):
@@ -151,17 +152,22 @@ def test_run_writes_every_stage_and_prints_the_table(tmp_path, capsys):
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["train"]["epochs"] == 2 and saved["model"]["kwargs"] == {"widths": [4, 4, 8, 8]}
     lines = out.strip().splitlines()
-    assert lines[0].split()[:2] == ["configuration", "val"]
-    assert any("uniform 4" in line for line in lines) and any("original network" in line for line in lines)
-    assert sum("random" in line for line in lines) == 3
-    assert (run / "evaluate" / "results.csv").is_file()
+    assert lines[1].split()[:2] == ["configuration", "val"]
+    assert any("uniform 4" in line for line in lines) and any(line.startswith("original ") for line in lines)
+    assert sum("chosen" in line for line in lines) == 1 and any("pareto" in line for line in lines)
+    best = json.loads((run / "search" / "best.json").read_text())
+    assert best["finished"] and (run / "search" / "results.csv").is_file()
+    assert f"exported {','.join(map(str, best['best']['config']))} (the search's best) -> {run / 'export'}" in out
+    assert (run / "export" / "net.safetensors").is_file() and (run / "export" / "net.json").is_file()
+    assert (run / "report.md").is_file() and (run / "pareto.png").is_file() and f"report: {run / 'report.md'}" in out
+    assert not (run / "evaluate").exists()
     model, meta = ckpt.load_model(run / "gross" / "model.safetensors")
     assert [s["name"] for s in meta["arch"]["layers"]] == ["conv2", "conv3", "conv4"]
-    # A second run finds every stage done and only scores again.
+    # A second run finds every stage done and prints the same.
     before = (run / "gross" / "model.safetensors").stat().st_mtime_ns
     assert main(["run", *tiny_args(tmp_path)]) == 0
     out2, err2 = capsys.readouterr()
-    assert err2.count("done already") == 4 and out2 == out
+    assert err2.count("done already") == 7 and out2 == out
     assert (run / "gross" / "model.safetensors").stat().st_mtime_ns == before
     # Reusing a finished stage made with other settings warns, and keeps it.
     assert main(["run", *tiny_args(tmp_path), "--set", "finetune.alpha=0"]) == 0
@@ -243,4 +249,8 @@ def test_help_documents_the_overrides(capsys):
     with pytest.raises(SystemExit):
         main(["run", "--help"])
     out = capsys.readouterr().out
-    assert "--set" in out and "train.epochs=3" in out and "--resume" in out
+    assert "--set" in out and "train.epochs=3" in out and "--resume" in out and "OMP_WAIT_POLICY=PASSIVE" in out
+    with pytest.raises(SystemExit):
+        main(["search", "--help"])
+    out = capsys.readouterr().out
+    assert "--strategy" in out and "--max-ms" in out and "exhaustive when at most" in out

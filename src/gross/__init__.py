@@ -5,7 +5,7 @@ Decompose each convolution of a trained network into a series of grouped-conv bo
 cost budget and export the chosen network as plain PyTorch layers.
 """
 
-from . import models
+from . import models, search
 from .btd import BTD, btd, btd_to_weight
 from .expand import expand
 from .export import export, export_onnx, load, save
@@ -22,7 +22,7 @@ from .model import (
     set_config,
 )
 from .sampling import group_size_probs
-from .search import SearchResult, evaluate_configs, search
+from .search import SearchResult, evaluate_configs
 from .series import GroSSConv2d, default_group_sizes
 
 __version__ = "0.1.0"
@@ -55,6 +55,6 @@ __all__ = [
     "latency_table",
     "SearchResult",
     "evaluate_configs",
-    "search",
+    "search",  # the module: gross.search.search(model, data, strategy=..., budget=...)
     "models",
 ]

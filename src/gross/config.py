@@ -41,6 +41,9 @@ __all__ = [
     "FinetuneConfig",
     "FixedConfig",
     "EvaluateConfig",
+    "SearchConfig",
+    "LatencyConfig",
+    "ExportConfig",
     "Config",
     "RECIPES",
     "resolve_config",
@@ -152,12 +155,49 @@ class FixedConfig:
 
 @dataclass
 class EvaluateConfig:
-    """Scoring configurations of the trained GroSS network (stands in for the search)."""
+    """Scoring chosen configurations of a trained model (gross evaluate)."""
 
     split: str = "val"  # val or test; select configurations on val only
     uniform: bool = True  # every configuration with one group size in every layer
     samples: int = 16  # random configurations drawn uniformly from the space
     seed: int = 0  # seed of the random configurations
+
+
+SEARCH_STRATEGIES = ("auto", "exhaustive", "beam", "evolution")
+
+
+@dataclass
+class SearchConfig:
+    """Searching the trained GroSS space for the best configuration within a budget (gross search)."""
+
+    strategy: str = "auto"  # exhaustive, beam, evolution, or auto: exhaustive when at most max_configs configurations fit the budget, else beam
+    budget: Union[str, float, None] = "uniform:16"  # largest cost allowed: "uniform:G" (the cost of every layer at group size G), a number (MACs; ms with cost: latency), or null (no limit)
+    cost: str = "macs"  # macs, or latency: the predicted ms of the latency table (gross latency)
+    latency_table: str = "latency/table.json"  # the table that cost: latency uses (a relative path is inside the run folder)
+    max_configs: int = 5000  # most configurations the exhaustive search scores (auto: beam above that)
+    beam_width: int = 4  # beam: configurations kept after each layer
+    population: int = 16  # evolution: configurations per generation
+    max_evaluations: int = 100  # evolution: configurations scored in all
+    seed: int = 0  # evolution: seed of the random draws
+    test: bool = False  # also measure every configuration's test accuracy (reported only; the search chooses on val)
+
+
+@dataclass
+class LatencyConfig:
+    """Measured latency on the run's device: the table of gross latency and export's comparison."""
+
+    batch_size: int = 1  # images per timed forward pass
+    repeats: int = 25  # timed samples per candidate (the median is kept)
+
+
+@dataclass
+class ExportConfig:
+    """The plain network at one configuration (gross export)."""
+
+    config: Union[list[int], None] = None  # group size per GroSS layer in module order (0: the original dense conv); null: the search's best (search/best.json)
+    fuse: str = "none"  # none: every layer as its bottleneck (the MACs the search counted); auto: bottlenecks that the latency table (measured when missing) says are slower than one dense conv become that conv (same outputs); all
+    onnx: bool = True  # also write net.onnx (needs the export extras onnx and onnxscript; checked against torch with onnxruntime when installed)
+    opset: int = 18  # ONNX opset (17 or later)
 
 
 @dataclass
@@ -176,6 +216,9 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     fixed: FixedConfig = field(default_factory=FixedConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -397,6 +440,19 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("data.pad and data.limit must be >= 0 and data.eval_batch_size >= 1")
     if cfg.threads < 0:
         raise ConfigError(f"threads: expected >= 0, got {cfg.threads}")
+    s = cfg.search
+    if s.strategy not in SEARCH_STRATEGIES:
+        raise ConfigError(f"search.strategy: expected one of {', '.join(SEARCH_STRATEGIES)}, got {s.strategy!r}")
+    if s.cost not in ("macs", "latency"):
+        raise ConfigError(f"search.cost: expected macs or latency, got {s.cost!r}")
+    if min(s.max_configs, s.beam_width, s.max_evaluations) < 1 or s.population < 2:
+        raise ConfigError("search.max_configs, beam_width and max_evaluations must be >= 1 and search.population >= 2")
+    if cfg.latency.batch_size < 1 or cfg.latency.repeats < 1:
+        raise ConfigError("latency.batch_size and latency.repeats must be >= 1")
+    if cfg.export.fuse not in ("auto", "none", "all"):
+        raise ConfigError(f"export.fuse: expected auto, none or all, got {cfg.export.fuse!r}")
+    if cfg.export.opset < 17:
+        raise ConfigError(f"export.opset: expected 17 or later, got {cfg.export.opset}")
 
 
 def _validate_optim(opt: OptimConfig, key: str) -> None:

@@ -1,0 +1,204 @@
+"""The search, latency, export and report subcommands on a tiny finetuned run."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from gross import checkpoint as ckpt
+from gross.cli import main
+from gross.export import load as load_export
+from gross.model import set_config
+from gross.search import uniform_config
+
+from test_cli import error_line, tiny_args
+
+ONNX = all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript"))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A tiny run folder finetuned to gross/ (widths 4, 4, 8, 8: 3 x 3 x 4 = 36 configurations)."""
+    root = tmp_path_factory.mktemp("trained")
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for stage in ("train", "decompose", "reconstruct", "finetune"):
+            assert main([stage, *tiny_args(root)]) == 0
+    finally:
+        torch.set_num_threads(saved)
+    return root
+
+
+@pytest.fixture
+def run(trained, tmp_path) -> tuple[list[str], Path]:
+    """A private copy of the trained run: its command-line arguments and its folder."""
+    shutil.copytree(trained, tmp_path, dirs_exist_ok=True)
+    return tiny_args(tmp_path), tmp_path / "runs" / "t"
+
+
+def rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_search_export_report_write_their_files(run, capsys):
+    args, folder = run
+    assert main(["search", *args, "--test"]) == 0
+    out, err = capsys.readouterr()
+    search = folder / "search"
+    results = rows(search / "results.csv")
+    best = json.loads((search / "best.json").read_text())
+    assert best["finished"] and best["strategy"] == "exhaustive" and best["evaluations"] == len(results) == 36
+    assert "exhaustive search" in err and "(36 scored now)" in err
+    # Chosen on val: the best val accuracy (ties: fewer MACs); test accuracy is only reported.
+    top = max(results, key=lambda r: (float(r["val_accuracy"]), -float(r["cost"])))
+    assert best["best"]["config"] == [int(s) for s in top["config"].split("-")]
+    assert all(r["test_accuracy"] for r in results)
+    uniform = {r["label"]: r for r in rows(search / "uniform.csv")}
+    assert list(uniform) == ["uniform 1", "uniform 2", "uniform 4", "uniform 8"] and uniform["uniform 8"]["config"] == "4-4-8"
+    lines = out.splitlines()
+    assert lines[1].split()[:4] == ["configuration", "val", "acc", "%"] and "test acc %" in lines[1]
+    chosen = [line for line in lines if "chosen" in line]
+    assert len(chosen) == 1 and chosen[0].startswith(",".join(map(str, best["best"]["config"])))
+    assert any("uniform 4" in line for line in lines) and any("pareto" in line for line in lines)
+
+    assert main(["export", *args, "--best"]) == 0
+    out, _ = capsys.readouterr()
+    export = folder / "export"
+    summary = json.loads((export / "summary.json").read_text())
+    assert summary["config"] == best["best"]["config"] and summary["source"] == "search" and summary["fused"] == []
+    assert (export / "net.safetensors").is_file() and (export / "net.json").is_file()
+    assert "MACs (M)" in out and "latency (ms, cpu, batch 1)" in out and str(export) in out
+    if ONNX:
+        assert (export / "net.onnx").is_file() and "net.onnx" in summary["files"]
+        if importlib.util.find_spec("onnxruntime"):
+            assert summary["onnx"]["checked"] and summary["onnx"]["max_abs_diff"] < 1e-4
+    else:
+        assert not (export / "net.onnx").exists() and "net.onnx skipped" in out
+    # The exported files rebuild a plain network with the GroSS network's outputs at that configuration.
+    plain = load_export(export)
+    model, _ = ckpt.load_model(folder / "gross" / "model.safetensors")
+    set_config(model, best["best"]["config"])
+    x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(plain(x), model(x), atol=1e-5, rtol=1e-4)
+    assert not any(hasattr(m, "group_sizes") for m in plain.modules())
+    assert summary["macs"]["exported"] < summary["macs"]["original"]
+
+    assert main(["report", *args]) == 0
+    capsys.readouterr()
+    report = (folder / "report.md").read_text()
+    assert (folder / "pareto.png").is_file() and (folder / "front_group_sizes.png").is_file()
+    assert "uniform:4 (<=" in report and "uniform:16 (<=" in report and "uniform 8" in report
+    assert "## Measured latency" in report and "exported " + ",".join(map(str, summary["config"])) in report
+
+
+def test_search_resumes_from_its_files(run, capsys):
+    args, folder = run
+    search = folder / "search"
+    assert main(["search", *args]) == 0
+    first = (search / "results.csv").read_text()
+    best = json.loads((search / "best.json").read_text())["best"]
+    capsys.readouterr()
+    # An interrupted search: no best.json, results.csv cut in the middle of a row.
+    (search / "best.json").unlink()
+    lines = first.splitlines(keepends=True)
+    (search / "results.csv").write_text("".join(lines[:11]) + lines[11][:9])
+    assert main(["search", *args]) == 0
+    err = capsys.readouterr().err
+    assert "(26 scored now)" in err  # 10 rows kept; the cut one is scored again
+    assert json.loads((search / "best.json").read_text())["best"] == best
+    assert sorted((search / "results.csv").read_text().splitlines()) == sorted(first.splitlines())
+    # Another budget or strategy takes every score already there.
+    assert main(["search", *args, "--budget", "uniform:2", "--strategy", "beam"]) == 0
+    out, err = capsys.readouterr()
+    assert "beam over 36 configurations" in err and "(0 scored now)" in err and "chosen (beam, budget uniform:2)" in out
+    # Scores of another validation split are not reused silently.
+    assert main(["search", *args, "--set", "data.split_seed=1"]) == 1
+    assert "holds the search of another GroSS model or validation split; pass --force" in error_line(capsys.readouterr().err)
+    assert main(["search", *args, "--set", "data.split_seed=1", "--force"]) == 0
+    assert "(36 scored now)" in capsys.readouterr().err
+
+
+def test_latency_table_and_search_under_it(run, capsys):
+    args, folder = run
+    assert main(["latency", *args, "--batch-size", "2", "--repeats", "2"]) == 0
+    out, _ = capsys.readouterr()
+    table = json.loads((folder / "latency" / "table.json").read_text())
+    assert table["meta"]["batch_size"] == 2 and [layer["name"] for layer in table["layers"]] == ["conv2", "conv3", "conv4"]
+    assert "dense" in out.splitlines()[1] and "rest" in out
+    assert main(["latency", *args]) == 1
+    assert "table.json exists; pass --force" in error_line(capsys.readouterr().err)
+    assert main(["search", *args, "--latency", "--budget", "none", "--strategy", "evolution", "--max-evaluations", "6", "--seed", "3"]) == 0
+    out, _ = capsys.readouterr()
+    best = json.loads((folder / "search" / "best.json").read_text())
+    assert best["cost"] == "latency_ms" and best["evaluations"] == 6 and best["options"]["seed"] == 3
+    assert "pred. ms" in out
+    # fuse=all: every layer one dense conv, still the GroSS outputs.
+    assert main(["export", *args, "--config", "conv3=2", "--fuse", "all", "--no-onnx"]) == 0
+    capsys.readouterr()
+    summary = json.loads((folder / "export" / "summary.json").read_text())
+    assert summary["config"] == [4, 2, 8] and summary["fused"] == ["conv2", "conv3", "conv4"] and summary["source"] == "given"
+    assert not (folder / "export" / "net.onnx").exists() and summary["max_abs_diff_vs_gross"] < 1e-4
+
+
+def test_bad_input_is_one_line(run, capsys, tmp_path):
+    args, folder = run
+
+    def fails(*command: str) -> str:
+        assert main([*command, *args]) == 1
+        return error_line(capsys.readouterr().err)
+
+    assert "search/best.json is missing; run `gross search --name t` first or pass --config" in fails("export", "--best")
+    assert "search/results.csv is missing; run `gross search --name t`" in fails("report")
+    assert "latency/table.json is missing; run `gross latency` first" in fails("search", "--latency")
+    assert "group size 3 is not valid for conv2; choose from [1, 2, 4]" in fails("export", "--config", "3,4,8")
+    assert "has 2 sizes; the network has 3 GroSS layers (conv2, conv3, conv4)" in fails("export", "--config", "2,4")
+    assert "names conv9, which are not GroSS layers" in fails("export", "--config", "conv9=2")
+    assert "expected group sizes like 2,32,64" in fails("export", "--config", "two")
+    assert "unknown budget 'lots'" in fails("search", "--budget", "lots")
+    assert "below the cheapest configuration" in fails("search", "--max-macs", "10")
+    assert "search.strategy: expected one of" in fails("search", "--set", "search.strategy=greedy")
+    assert not (folder / "export").exists()
+    assert main(["export", *args, "--config", "1,1,1", "--no-onnx"]) == 0
+    capsys.readouterr()
+    assert "export exists; pass --force to replace it" in fails("export", "--config", "2,2,2")
+    # A run that has not been finetuned yet.
+    other = tiny_args(tmp_path, name="fresh")
+    assert main(["search", *other]) == 1
+    assert "gross/model.safetensors is missing; run `gross finetune --name fresh`" in error_line(capsys.readouterr().err)
+
+
+def test_missing_extras_are_skipped_with_a_message(run, capsys, monkeypatch):
+    import gross.cli
+
+    args, folder = run
+    installed = gross.cli._installed
+    monkeypatch.setattr(gross.cli, "_installed", lambda m: m not in ("onnxscript", "matplotlib") and installed(m))
+    assert main(["export", *args, "--config", "1,2,4"]) == 0
+    out, _ = capsys.readouterr()
+    assert "net.onnx skipped: onnxscript not installed (pip install 'gross[export]')" in out
+    assert not (folder / "export" / "net.onnx").exists() and (folder / "export" / "net.json").is_file()
+    assert main(["search", *args]) == 0
+    capsys.readouterr()
+    assert main(["report", *args]) == 1
+    assert "gross report needs matplotlib" in error_line(capsys.readouterr().err)
+    assert not (folder / "report.md").exists()
+    if ONNX:
+        monkeypatch.setattr(gross.cli, "_installed", lambda m: m != "onnxruntime" and installed(m))
+        assert main(["export", *args, "--config", "1,2,4", "--force"]) == 0
+        out, _ = capsys.readouterr()
+        assert (folder / "export" / "net.onnx").is_file() and "net.onnx not checked: onnxruntime not installed" in out
+    # gross run goes on without the report, saying why.
+    monkeypatch.setattr(gross.cli, "_installed", lambda m: m != "matplotlib" and installed(m))
+    assert main(["run", *args]) == 0
+    out, err = capsys.readouterr()
+    assert "[report] skipped: gross report needs matplotlib" in err and "report:" not in out
+    assert "exported 1,2,4 (--config)" in out  # a configuration given by the user stays, whatever the search chose
