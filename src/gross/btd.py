@@ -68,7 +68,7 @@ _CG_REL_TOL = 1e-6
 _GRAM_ERROR_MIN = 1e-4
 # A step that lowers the error by this fraction of itself continues even below tol.
 _MIN_RELATIVE_DECREASE = 0.01
-# Data-driven starts screened, steps each, and the error below which a start is taken at once.
+# Data-driven starts screened, steps each, and the error below which a fit is exact (no steps).
 _N_STARTS = 4
 _SCREEN_STEPS = 30
 _EXACT = 1e-12
@@ -370,14 +370,14 @@ class _Fit:
     # batching over taps and groups means K * G tiny matmuls when g is small.
 
     def _left(self, x: Tensor, y: Tensor, transpose: bool = False) -> Tensor:
-        """``sum_k B_k Y_k`` for ``Y (K, D, n)``, ``B_k = blockdiag(X_k)`` (or its transpose): ``(D, n)``."""
+        """``sum_k B_k Y_k``: ``(D, n)``; ``Y (K, D, n)``, ``B_k = blockdiag(X_k)`` or its transpose."""
         k, n_groups, g = self.k, self.n_groups, self.g
         xs = (x.transpose(2, 3) if transpose else x).permute(1, 2, 0, 3).reshape(n_groups, g, k * g)
         ys = y.reshape(k, n_groups, g, -1).transpose(0, 1).reshape(n_groups, k * g, -1)
         return (xs @ ys).reshape(self.d, -1)
 
     def _right(self, y: Tensor, x: Tensor, transpose: bool = False) -> Tensor:
-        """``sum_k Y_k B_k`` for ``Y (K, n, D)``, ``B_k = blockdiag(X_k)`` (or its transpose): ``(n, D)``."""
+        """``sum_k Y_k B_k``: ``(n, D)``; ``Y (K, n, D)``, ``B_k = blockdiag(X_k)`` or its transpose."""
         k, n_groups, g = self.k, self.n_groups, self.g
         n = y.shape[1]
         ys = y.reshape(k, n, n_groups, g).permute(2, 1, 0, 3).reshape(n_groups, n, k * g)
@@ -385,7 +385,7 @@ class _Fit:
         return (ys @ xs).transpose(0, 1).reshape(n, self.d)
 
     def _each(self, x: Tensor, m: Tensor, transpose: bool = False) -> Tensor:
-        """``B_k M`` for every tap, ``M (D, n)``, ``B_k = blockdiag(X_k)`` (or its transpose): ``(K, D, n)``."""
+        """``B_k M`` for every tap: ``(K, D, n)``; ``M (D, n)``, ``B_k = blockdiag(X_k)`` or its transpose."""
         k, n_groups, g = self.k, self.n_groups, self.g
         xs = (x.transpose(2, 3) if transpose else x).transpose(0, 1).reshape(n_groups, k * g, g)
         out = xs @ m.reshape(n_groups, g, -1)  # (G, K*g, n)
@@ -436,7 +436,8 @@ class _Fit:
             y = _solve_psd(a, rhs[:, 0])
             return _solve_psd(c, y.transpose(1, 2)).transpose(1, 2)[:, None]
         if d * g <= _DIRECT_MAX or (d * g <= 2 * _DIRECT_MAX and n_groups >= _DIRECT_MIN_GROUPS):
-            gram = torch.einsum("rasc,rbsd->rabscd", a.reshape(n_groups, g, n_groups, g), c.reshape(n_groups, g, n_groups, g))
+            blocks = (n_groups, g, n_groups, g)
+            gram = torch.einsum("rasc,rbsd->rabscd", a.reshape(blocks), c.reshape(blocks))
             sol = _solve_psd(gram.reshape(d * g, d * g), rhs.reshape(k, d * g).T)
             return sol.T.reshape(k, n_groups, g, g)
         return self._core_cg(a, c, rhs, x)
@@ -444,7 +445,8 @@ class _Fit:
     def _sq_error(self, p: Tensor, q: Tensor, x: Tensor, qtw: Tensor) -> float:
         """``||W - W_hat||^2 / ||W||^2`` from ``Q^T W``: ``1 - 2 <b, X> / |W|^2 + <op(X), X> / |W|^2``."""
         op = self._gram_op(q.T @ q, p @ p.T)
-        return float((self.norm_sq - 2 * (self._core_rhs(p, qtw) * x).sum() + (op(x) * x).sum()) / self.norm_sq)
+        cross = (self._core_rhs(p, qtw) * x).sum()
+        return float((self.norm_sq - 2 * cross + (op(x) * x).sum()) / self.norm_sq)
 
     def _core_cg(self, a: Tensor, c: Tensor, b: Tensor, x: Tensor) -> Tensor:
         """Conjugate gradients on the core normal equations, started at the current core.
@@ -589,7 +591,8 @@ class _Fit:
         q_blocks = torch.stack(cols, dim=1)  # (D, D), block-wise real spans
         q_blocks = _orthonormalise_columns(q_blocks.reshape(d, n_groups, g).transpose(0, 1))[0]
         q_blocks = q_blocks.transpose(0, 1).reshape(d, d)
-        rows = torch.linalg.solve(q_blocks, t).reshape(k, n_groups, g, d).transpose(0, 1).reshape(n_groups, k * g, d)
+        rows = torch.linalg.solve(q_blocks, t).reshape(k, n_groups, g, d)
+        rows = rows.transpose(0, 1).reshape(n_groups, k * g, d)
         p_blocks = torch.linalg.svd(rows, full_matrices=False)[2][:, :g].reshape(d, d)
         return self._with_core(p_blocks @ v_in, u_out @ q_blocks)
 
@@ -599,7 +602,8 @@ class _Fit:
         for name, t in (("first", first), ("last", last)):
             if not isinstance(t, Tensor) or tuple(t.shape) != expected[name]:
                 raise ValueError(f"init.{name} must have shape {expected[name]}, got {_describe(t)}")
-        if not isinstance(core, Tensor) or core.dim() != 4 or core.shape[0] != self.d or tuple(core.shape[2:]) != (kh, kw):
+        shape_ok = isinstance(core, Tensor) and core.dim() == 4 and core.shape[0] == self.d
+        if not shape_ok or tuple(core.shape[2:]) != (kh, kw):
             raise ValueError(f"init.core must have shape ({self.d}, g0, {kh}, {kw}), got {_describe(core)}")
         g0 = core.shape[1]
         if g0 <= 0 or self.g % g0:
@@ -649,14 +653,21 @@ class _Fit:
         return math.sqrt(sq)
 
     def als(self, state: tuple[Tensor, Tensor, Tensor], tol: float, max_iter: int):
+        """ALS steps from ``state``; returns the last factors and the error after every step.
+
+        The errors strictly decrease: a step that does not lower the error (possible only through
+        rounding or a truncated core solve) is dropped and ends the fit, so the result is never
+        worse than the start.
+        """
         p, q, x = state
         qtw = q.T @ self.w
         err = self._error(self._sq_error(p, q, x, qtw), p, q, x)
         errors = [err]
-        best = (err, p, q, x)
-        prev = None
+        if err <= _EXACT:  # exact to rounding (e.g. the Tucker case): nothing left to fit
+            return p, q, x, errors
+        kept = (p, q, x)
         beta = _EXTRAP_INIT
-        for _ in range(max_iter):
+        for step in range(max_iter):
             a, c = q.T @ q, p @ p.T
             x = self._core_step(a, c, self._core_rhs(p, qtw), x)
             q = self._last_step(p, x, c)
@@ -666,9 +677,10 @@ class _Fit:
             sq = (self.norm_sq - 2 * (p * rhs).sum() + (p * (gram @ p)).sum()) / self.norm_sq
             err = self._error(float(sq), p, q, x)
             p, x = self._normalise_first(p, x)  # Q is unchanged, so Q^T W stays valid
-            if prev is not None:
+            if step > 0:
                 # Extrapolate along the step's change ("line search" out of ALS swamps).
-                pe, qe, xe = self._normalise(*(new + beta * (new - old) for new, old in zip((p, q, x), prev)))
+                moved = (new + beta * (new - old) for new, old in zip((p, q, x), kept))
+                pe, qe, xe = self._normalise(*moved)
                 qtw_e = qe.T @ self.w
                 err_e = self._error(self._sq_error(pe, qe, xe, qtw_e), pe, qe, xe)
                 if err_e < err:
@@ -676,13 +688,13 @@ class _Fit:
                     beta = min(beta * 1.5, _EXTRAP_MAX)
                 else:
                     beta = max(beta / 2, _EXTRAP_MIN)
-            prev = (p, q, x)
+            decrease = errors[-1] - err
+            if decrease <= 0:
+                break
+            kept = (p, q, x)
             errors.append(err)
-            if err < best[0]:
-                best = (err, p, q, x)
-            decrease = errors[-2] - err
             # The relative clause only matters for (nearly) exact fits, which converge linearly
             # towards zero and would otherwise stop at an error of about tol.
             if decrease < tol and decrease < _MIN_RELATIVE_DECREASE * err:
                 break
-        return best[1], best[2], best[3], errors
+        return *kept, errors

@@ -1132,12 +1132,6 @@ def _fields_help() -> str:
     return f"    (top level): {top}\n" + "\n".join(lines)
 
 
-OMP_TIP = """\
-tip: on a machine whose cores other processes share, PyTorch's OpenMP threads spin while they
-  wait and can make training several times slower; start gross with OMP_WAIT_POLICY=PASSIVE in
-  the environment (OMP_WAIT_POLICY=PASSIVE gross run ...).
-"""
-
 SET_HELP = f"""\
 settings:
   Resolved from the defaults (the quick run on digits), then the recipe (recipe=authors: the
@@ -1152,8 +1146,7 @@ settings:
 {_fields_help()}
 
   A killed run continues with the same command plus --resume (finished stages are skipped).
-
-{OMP_TIP}"""
+"""
 
 SEARCH_HELP = """search:
   The finetuned GroSS network (gross/) is scored at many configurations on the validation
@@ -1183,7 +1176,7 @@ def _wrap(text: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gross", description="GroSS: group-size series decomposition, whole search-space training, search and export.",
-        epilog="Run `gross COMMAND --help` for a command's options and settings.\n\n" + OMP_TIP,
+        epilog="Run `gross COMMAND --help` for a command's options and settings.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"gross {__version__}")
