@@ -31,16 +31,6 @@ def perturbed(model: nn.Module, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Two intra-op threads on the shared, oversubscribed CI cores stall at every barrier
-    # (hundreds of times slower); these tests check values and structure, not speed.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(autouse=True)
 def no_grad():
     with torch.no_grad():

@@ -21,16 +21,6 @@ from gross.models import PaperNet
 FAST = dict(warmup=1, repeats=2, block_ms=0.05)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Two intra-op threads on the shared, oversubscribed CI cores stall at every barrier
-    # (hundreds of times slower); these tests check values and structure, not speed.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def small_net():
     torch.manual_seed(0)
