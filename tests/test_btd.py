@@ -29,7 +29,6 @@ def he_weight(c_out, c_in, kh=3, kw=3, seed=0, dtype=torch.float64):
 def reference_weight(result):
     """Dense block-diagonal core, one explicit term per group."""
     d, c_in = result.first.shape[:2]
-    c_out = result.last.shape[0]
     _, g, kh, kw = result.core.shape
     dense = torch.zeros(d, d, kh, kw, dtype=result.core.dtype)
     for r in range(d // g):

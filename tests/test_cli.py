@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 
 from gross import checkpoint as ckpt
@@ -19,14 +18,6 @@ from gross.config import Config, ConfigError, dump_config, parse_override, resol
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 # ---------------------------------------------------------------------------------------------

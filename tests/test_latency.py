@@ -11,7 +11,6 @@ from gross.latency import (
     DENSE,
     LatencyTable,
     compare_latency,
-    dense_conv,
     latency_table,
     measure_latency,
     normalize_choice,
@@ -136,7 +135,7 @@ def test_dense_conv_equals_bottleneck():
         nn.init.normal_(p)
     x = torch.randn(2, 6, 9, 9, dtype=torch.float64)
     for s in layer.group_sizes:
-        torch.testing.assert_close(dense_conv(layer, s)(x), layer.bottleneck(s)(x), rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(layer.dense_conv(s)(x), layer.bottleneck(s)(x), rtol=1e-10, atol=1e-10)
 
 
 def test_measure_and_compare_latency():

@@ -21,15 +21,6 @@ from gross.models import PaperNet
 from gross.series import GroSSConv2d
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest, and deterministically, on one thread."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 def tiny_splits(n: int = 96, size: int = 16, classes: int = 4, seed: int = 0) -> Splits:
     gen = torch.Generator().manual_seed(seed)
     labels = torch.arange(n) % classes

@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .latency import DENSE, Choice, LatencyTable, dense_conv, normalize_choice
+from .latency import DENSE, Choice, LatencyTable, normalize_choice
 from .model import Config, _replace, gross_layers
 from .models import MODELS, build_model
 from .series import GroSSConv2d
@@ -147,9 +147,9 @@ def export(
     for name, m in gross_layers(out):
         choice = chosen[name]
         if choice == DENSE:
-            new = _original_conv(original, name, m) if original is not None else dense_conv(m, m.group_sizes[-1])
+            new = _original_conv(original, name, m) if original is not None else m.dense_conv(m.group_sizes[-1])
         elif name in fused:
-            new = dense_conv(m, choice)
+            new = m.dense_conv(choice)
         else:
             new = m.bottleneck(choice)
         new.train(m.training)

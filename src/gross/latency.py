@@ -37,7 +37,6 @@ import torch
 from torch import Tensor, nn
 
 from .model import _replace, gross_layers
-from .series import GroSSConv2d
 
 __all__ = [
     "DENSE",
@@ -46,7 +45,6 @@ __all__ = [
     "latency_table",
     "measure_latency",
     "compare_latency",
-    "dense_conv",
     "normalize_choice",
 ]
 
@@ -77,45 +75,6 @@ def normalize_choice(entry: object) -> Choice:
     if size != entry or size < 0:
         raise ValueError(f"a group size is a non-negative integer (0 = {DENSE!r}), got {entry!r}")
     return DENSE if size == 0 else size
-
-
-def dense_conv(layer: GroSSConv2d, group_size: int | None = None) -> nn.Conv2d:
-    """The single ``nn.Conv2d`` that equals ``layer``'s bottleneck at a group size (a detached copy).
-
-    A bottleneck has no nonlinearity inside, so ``Q . blockdiag(R) . P`` is one conv of the
-    original shape, stride, padding and dilation, with weight :meth:`GroSSConv2d.dense_weight`
-    and the layer's bias. Padding commutes with the first pointwise conv for every padding mode
-    (it has no bias and acts per pixel), so the fused conv is exact up to rounding.
-
-    Parameters
-    ----------
-    layer : GroSSConv2d
-    group_size : int, optional
-        Default: the active one.
-
-    Returns
-    -------
-    nn.Conv2d
-        Weight of shape ``(C_out, C_in, kh, kw)``, ``groups=1``.
-    """
-    with torch.no_grad():
-        weight = layer.dense_weight(group_size).detach()
-        conv = nn.Conv2d(
-            layer.in_channels,
-            layer.out_channels,
-            layer.kernel_size,
-            stride=layer.stride,
-            padding=layer.padding,
-            dilation=layer.dilation,
-            bias=layer.bias is not None,
-            padding_mode=layer.padding_mode,
-            device=weight.device,
-            dtype=weight.dtype,
-        )
-        conv.weight.copy_(weight)
-        if layer.bias is not None:
-            conv.bias.copy_(layer.bias.detach())
-    return conv
 
 
 @dataclass(frozen=True)
@@ -385,7 +344,7 @@ def latency_table(
 
     Each layer is timed as its exported bottleneck (:meth:`GroSSConv2d.bottleneck`: three plain
     convs, not the GroSS forward, which also sums the difference terms) on the input it received
-    in one forward pass of the whole network; the dense choice is :func:`dense_conv` at the
+    in one forward pass of the whole network; the dense choice is :meth:`GroSSConv2d.dense_conv` at the
     largest group size. Timing runs in eval mode under ``torch.inference_mode``, with the current
     thread settings (``torch.set_num_threads``), on a copy of ``model``.
 
@@ -447,7 +406,7 @@ def latency_table(
         for s in layer.group_sizes:
             fns[("layer", name, s)] = _call(layer.bottleneck(s).eval(), x)
         if include_dense:
-            fns[("layer", name, DENSE)] = _call(dense_conv(layer, layer.group_sizes[-1]).eval(), x)
+            fns[("layer", name, DENSE)] = _call(layer.dense_conv(layer.group_sizes[-1]).eval(), x)
     for name, _ in layers:
         # Only now that every candidate is built: the copy loses its GroSS layers here.
         _replace(net, name, _Recorded(recorded[name][1]))

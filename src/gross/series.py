@@ -253,18 +253,7 @@ class GroSSConv2d(nn.Module):
         first, core, last = (t.detach().clone() for t in self.factors(s))
         factory = {"device": core.device, "dtype": core.dtype}
         p = nn.Conv2d(self.in_channels, self.width, 1, bias=False, **factory)
-        r = nn.Conv2d(
-            self.width,
-            self.width,
-            self.kernel_size,
-            stride=self.stride,
-            padding=self.padding,
-            dilation=self.dilation,
-            groups=self.width // s,
-            bias=False,
-            padding_mode=self.padding_mode,
-            **factory,
-        )
+        r = self._spatial_conv(self.width, self.width, self.width // s, bias=False, **factory)
         q = nn.Conv2d(self.width, self.out_channels, 1, bias=self.bias is not None, **factory)
         with torch.no_grad():
             p.weight.copy_(first)
@@ -273,6 +262,35 @@ class GroSSConv2d(nn.Module):
             if self.bias is not None:
                 q.bias.copy_(self.bias.detach())
         return nn.Sequential(p, r, q)
+
+    def dense_conv(self, group_size: int | None = None) -> nn.Conv2d:
+        """The single ``nn.Conv2d`` equal to the bottleneck at a group size (a detached copy).
+
+        Its weight, of shape ``(C_out, C_in, kh, kw)``, is :meth:`dense_weight`.
+        """
+        with torch.no_grad():
+            weight = self.dense_weight(group_size).detach()
+            conv = self._spatial_conv(
+                self.in_channels, self.out_channels, 1, bias=self.bias is not None, device=weight.device, dtype=weight.dtype
+            )
+            conv.weight.copy_(weight)
+            if self.bias is not None:
+                conv.bias.copy_(self.bias.detach())
+        return conv
+
+    def _spatial_conv(self, in_channels: int, out_channels: int, groups: int, **kwargs) -> nn.Conv2d:
+        """An ``nn.Conv2d`` with this layer's kernel, stride, padding, dilation and padding mode."""
+        return nn.Conv2d(
+            in_channels,
+            out_channels,
+            self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=groups,
+            padding_mode=self.padding_mode,
+            **kwargs,
+        )
 
     def dense_weight(self, group_size: int | None = None) -> Tensor:
         """The single conv weight ``Q . blockdiag(R) . P`` that the bottleneck equals.
