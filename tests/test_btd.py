@@ -201,6 +201,21 @@ def test_float32():
     assert rel_error(btd_to_weight(btd(exact, 4)), exact) < 1e-5
 
 
+@pytest.mark.parametrize("c_out, c_in, d, g", [(12, 8, 8, 2), (6, 16, 16, 4), (16, 16, 16, 16), (16, 8, 8, 1)])
+def test_blocks_are_balanced(c_out, c_in, d, g):
+    # Per block: the rows of first, the core and the columns of last have equal norms, and the
+    # balancing leaves the fitted weight as it was (the error history ends at the returned error).
+    w = he_weight(c_out, c_in, seed=14)
+    fit = btd(w, g, width=d, max_iter=20)
+    n = d // g
+    a = fit.first.reshape(n, -1).norm(dim=1)
+    b = fit.core.reshape(n, -1).norm(dim=1)
+    c = fit.last.reshape(c_out, n, g).norm(dim=(0, 2))
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=0)
+    torch.testing.assert_close(c, b, rtol=1e-10, atol=0)
+    assert rel_error(btd_to_weight(fit), w) == pytest.approx(fit.errors[-1], abs=1e-12)
+
+
 def test_zero_weight():
     fit = btd(torch.zeros(4, 4, 3, 3), 2)
     assert fit.errors == [0.0] and not btd_to_weight(fit).any()
