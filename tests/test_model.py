@@ -2,6 +2,7 @@ import logging
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import gross
@@ -105,3 +106,44 @@ def test_a_dict_builds_a_fixed_configuration():
         gross.decompose(small_paper_net(), group_sizes={"conv3": [3]})
     with pytest.raises(ValueError, match="not an nn.Conv2d"):
         gross.decompose(small_paper_net(), group_sizes={"fc1": [1]})
+
+
+# --- BatchNorm recalibration -----------------------------------------------------------------------
+
+
+def test_recalibrate_batchnorm_gives_the_statistics_of_the_activations():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, momentum=0.3), nn.ReLU(), nn.Dropout(0.5),
+                          nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4))
+    model.train()
+    x1, x2 = torch.randn(6, 3, 9, 9, dtype=torch.float64), torch.randn(6, 3, 9, 9, dtype=torch.float64)
+    model.double()
+    assert gross.recalibrate_batchnorm(model, [x1, x2]) == 2
+    with torch.no_grad():
+        a1, a2 = model[0](x1), model[0](x2)
+    # Every batch weighs the same: the mean of the batch means and of the unbiased batch variances.
+    mean = (a1.mean((0, 2, 3)) + a2.mean((0, 2, 3))) / 2
+    var = (a1.var((0, 2, 3), unbiased=True) + a2.var((0, 2, 3), unbiased=True)) / 2
+    torch.testing.assert_close(model[1].running_mean, mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(model[1].running_var, var, rtol=1e-12, atol=1e-12)
+    # The second BatchNorm saw the first one's batch-normalised output, without dropout.
+    with torch.no_grad():
+        bn = model[1]
+        h = torch.cat([model[4](torch.relu(F.batch_norm(a, None, None, bn.weight, bn.bias, True, 0.0, bn.eps))) for a in (a1, a2)])
+    torch.testing.assert_close(model[5].running_mean, (h[:6].mean((0, 2, 3)) + h[6:].mean((0, 2, 3))) / 2, rtol=1e-12, atol=1e-12)
+    assert model.training and all(m.training for m in model.modules())
+    assert model[1].momentum == 0.3 and model[5].momentum == 0.1
+
+
+def test_batchnorm_state_round_trips_and_rejects_another_model():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    state = gross.batchnorm_state(model)
+    gross.recalibrate_batchnorm(model, [torch.randn(4, 3, 5, 5)])
+    assert not torch.equal(model[1].running_mean, state[0][0])
+    gross.load_batchnorm_state(model, state)
+    assert torch.equal(model[1].running_mean, state[0][0]) and torch.equal(model[1].running_var, state[0][1])
+    with pytest.raises(ValueError, match="BatchNorm layers"):
+        gross.load_batchnorm_state(nn.Sequential(nn.BatchNorm2d(4), nn.BatchNorm2d(4)), state)
+    with pytest.raises(ValueError, match="no images"):
+        gross.recalibrate_batchnorm(model, [])
+    assert gross.recalibrate_batchnorm(nn.Conv2d(3, 4, 1), [torch.randn(1, 3, 2, 2)]) == 0

@@ -120,6 +120,55 @@ def test_tree_equals_plain_on_resnet20_with_batchnorm_and_residuals():
     assert [s.accuracy for s in tree] == [a for a, _ in reference]
 
 
+def resnet20_configs_with_shared_prefixes(model, seed=0):
+    space = gross.search_space(model)
+    rng = random.Random(seed)
+    configs = []
+    for _ in range(2):
+        base = [rng.choice(s) for s in space]
+        for depth in (3, 12, 19):
+            config = list(base)
+            config[depth:] = [rng.choice(s) for s in space[depth:]]
+            configs.append(tuple(config))
+    return configs
+
+
+def test_recalibrated_scores_equal_recalibrating_each_configuration_by_hand():
+    torch.manual_seed(0)
+    model = random_gross(resnet20(), group_sizes=(1, 4, 16))
+    configs = resnet20_configs_with_shared_prefixes(model)
+    data = synthetic_batches(n=16, batch=8)
+    calibration = [x for x, _ in synthetic_batches(n=24, batch=12, seed=1)]
+    before = gross.batchnorm_state(model)
+    tree = S.evaluate_configs(model, configs, data, method="tree", calibration=calibration)
+    plain = S.evaluate_configs(model, configs, data, method="plain", calibration=calibration)
+    assert tree == plain
+    # The model's own statistics are back.
+    for a, b in zip(before, gross.batchnorm_state(model)):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+    reference = []
+    for config in configs:
+        gross.set_config(model, config)
+        gross.recalibrate_batchnorm(model, calibration)
+        reference += plain_scores(model, [config], data)
+        gross.load_batchnorm_state(model, before)
+    assert [s.accuracy for s in tree] == [a for a, _ in reference]
+    assert [s.loss for s in tree] == pytest.approx([l for _, l in reference], rel=1e-5)
+    # Recalibration changes the scores (the trained statistics are not each configuration's).
+    assert tree != S.evaluate_configs(model, configs, data, method="tree")
+
+
+def test_calibration_without_batchnorm_changes_nothing():
+    model = small_paper_net()
+    data = synthetic_batches()
+    configs = list(itertools.product(*gross.search_space(model)))[:20]
+    calibration = [x for x, _ in synthetic_batches(seed=2)]
+    assert S.evaluate_configs(model, configs, data, calibration=calibration) == S.evaluate_configs(model, configs, data)
+    with pytest.raises(ValueError, match="at least one batch"):
+        S.evaluate_configs(model, configs, data, calibration=[])
+
+
 def test_max_cache_bytes_cuts_batches_without_changing_accuracy():
     model = small_paper_net()
     data = synthetic_batches()

@@ -20,10 +20,13 @@ from .export import export, export_onnx, load, save  # noqa: E402
 from .latency import LatencyTable, latency_table  # noqa: E402
 from .macs import MACs, MACsTable, count_macs, macs_table  # noqa: E402
 from .model import (  # noqa: E402
+    batchnorm_state,
     decompose,
     get_config,
     gross_layers,
     layer_specs,
+    load_batchnorm_state,
+    recalibrate_batchnorm,
     restore_layers,
     sample_config,
     search_space,
@@ -50,6 +53,9 @@ __all__ = [
     "sample_config",
     "layer_specs",
     "restore_layers",
+    "recalibrate_batchnorm",
+    "batchnorm_state",
+    "load_batchnorm_state",
     "group_size_probs",
     "MACs",
     "MACsTable",

@@ -59,7 +59,14 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from . import __version__
-from .checkpoint import CheckpointError, atomic_write, load_model, make_arch, read_meta, save_model
+from .checkpoint import (
+    CheckpointError,
+    atomic_write,
+    load_model,
+    make_arch,
+    read_meta,
+    save_model,
+)
 from .config import Config, ConfigError, config_to_dict, dump_config, resolve_config
 from .data import DataError, Splits
 from .export import export_onnx
@@ -67,7 +74,17 @@ from .export import load as load_export
 from .export import save as save_export
 from .latency import DENSE, LatencyTable, compare_latency, latency_table
 from .macs import count_macs, macs_table
-from .model import decompose, get_config, gross_layers, sample_config, search_space, set_config
+from .model import (
+    batchnorm_state,
+    decompose,
+    get_config,
+    gross_layers,
+    load_batchnorm_state,
+    recalibrate_batchnorm,
+    sample_config,
+    search_space,
+    set_config,
+)
 from .models import build_model
 from .report import pareto_front, read_results, write_report
 from .search import (
@@ -467,6 +484,8 @@ def score_configurations(ctx: Context, model: torch.nn.Module, configs: Sequence
         return [Row("network", None, r.accuracy, r.loss, count_macs(model, shape).total)]
     table = macs_table(model, shape)
     space = search_space(model)
+    calibration = _calibration(ctx, ctx.cfg.evaluate.recalibrate)
+    saved_bn = batchnorm_state(model)
     for label, config in tqdm(configs, desc=f"evaluate ({split})", unit="config", leave=False,
                               disable=not (ctx.progress and ctx.lead), dynamic_ncols=True):
         if len(config) != len(space):
@@ -474,8 +493,12 @@ def score_configurations(ctx: Context, model: torch.nn.Module, configs: Sequence
         for size, sizes, (name, _) in zip(config, space, gross_layers(model)):
             if size not in sizes:
                 raise StageError(f"group size {size} is not valid for {name}; choose from {list(sizes)}")
+        if calibration is not None:
+            set_config(model, config)
+            recalibrate_batchnorm(model, calibration)
         r = evaluate(model, batches, config)
         rows.append(Row(label, config, r.accuracy, r.loss, table.cost(config)))
+    load_batchnorm_state(model, saved_bn)
     return rows
 
 
@@ -601,7 +624,19 @@ def _fingerprint(ctx: Context) -> dict:
             digest.update(chunk)
     d = ctx.cfg.data
     data = {"dataset": d.dataset, "val_size": d.val_size, "split_seed": d.split_seed, "limit": d.limit, "mean": d.mean, "std": d.std}
-    return {"model_sha256": digest.hexdigest(), "data": data}
+    return {"model_sha256": digest.hexdigest(), "data": data, "recalibrate": ctx.cfg.search.recalibrate}
+
+
+def _calibration(ctx: Context, count: int) -> list[torch.Tensor] | None:
+    """``count`` training images (a seeded draw, unaugmented) in evaluation batches, or None for 0."""
+    if count <= 0:
+        return None
+    train = ctx.splits().train
+    if count > len(train):
+        raise StageError(f"recalibrate asks for {count} images; the training split has {len(train)}")
+    keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(ctx.cfg.data.split_seed))[:count]
+    batches = prepare_batches(train.subset(keep.to(train.images.device)), ctx.cfg.data.eval_batch_size, ctx.device, ctx.cfg.channels_last)
+    return [x for x, _ in batches]
 
 
 def _uniform_configs_of(space: Sequence[Sequence[int]]) -> list[tuple[str, tuple[int, ...]]]:
@@ -696,15 +731,16 @@ def stage_search(ctx: Context, skip_done: bool = False) -> bool:
         out.mkdir(parents=True, exist_ok=True)
         _write_json(out / "source.json", {"fingerprint": _fingerprint(ctx), "settings": settings, "strategy": strategy, "options": options})
     ctx.barrier()
+    calibration = _calibration(ctx, s.recalibrate)
     result = run_search(
         model, val, strategy=strategy, budget=budget, cost=table, test_data=test, out_dir=out,
-        input_shape=shape, progress=ctx.progress and ctx.lead, **options,
+        input_shape=shape, calibration=calibration, progress=ctx.progress and ctx.lead, **options,
     )
     # The uniform configurations (the paper's baselines), scored whether or not they fit the budget.
     uniform = _uniform_configs_of(space)
     configs = [c for _, c in uniform]
-    val_scores = evaluate_configs(model, configs, val)
-    test_scores = evaluate_configs(model, configs, test) if test is not None else [None] * len(configs)
+    val_scores = evaluate_configs(model, configs, val, calibration=calibration)
+    test_scores = evaluate_configs(model, configs, test, calibration=calibration) if test is not None else [None] * len(configs)
     if ctx.lead:
         rows = [
             {

@@ -26,6 +26,9 @@ __all__ = [
     "sample_config",
     "layer_specs",
     "restore_layers",
+    "batchnorm_state",
+    "load_batchnorm_state",
+    "recalibrate_batchnorm",
 ]
 
 log = logging.getLogger("gross")
@@ -258,3 +261,73 @@ def restore_layers(model: nn.Module, specs: Sequence[Mapping]) -> nn.Module:
         layer.train(conv.training)
         _replace(model, name, layer)
     return model
+
+
+# ---------------------------------------------------------------------------------------------
+# BatchNorm statistics per configuration
+
+
+def _batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+def batchnorm_state(model: nn.Module) -> list[tuple[torch.Tensor, ...]]:
+    """Copies of every BatchNorm's ``running_mean``, ``running_var`` and ``num_batches_tracked``."""
+    return [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in _batchnorms(model)]
+
+
+def load_batchnorm_state(model: nn.Module, state: Sequence[tuple[torch.Tensor, ...]]) -> None:
+    """Put back the statistics :func:`batchnorm_state` took (of the same model)."""
+    bns = _batchnorms(model)
+    if len(bns) != len(state):
+        raise ValueError(f"the state holds {len(state)} BatchNorm layers, the model has {len(bns)}")
+    with torch.no_grad():
+        for m, (mean, var, count) in zip(bns, state):
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+            m.num_batches_tracked.copy_(count)
+
+
+def recalibrate_batchnorm(model: nn.Module, images: Iterable[torch.Tensor]) -> int:
+    """Re-estimate every BatchNorm's running statistics at the active configuration.
+
+    The statistics a GroSS network learnt while training are an average over the sampled
+    configurations; each configuration's own are those of its activations. They are reset and
+    replaced by the equally weighted average of the batch statistics over ``images`` (one pass,
+    no gradients; every other module stays in eval mode, so dropout is off). Each BatchNorm's
+    momentum and every module's mode are restored afterwards.
+
+    Parameters
+    ----------
+    images : iterable of Tensor, each (B, C, H, W)
+        Normalised input batches on the model's device, e.g. a few hundred training images.
+
+    Returns
+    -------
+    int
+        The number of BatchNorm layers recalibrated (0: nothing to do, the model is unchanged).
+    """
+    bns = _batchnorms(model)
+    if not bns:
+        return 0
+    modes = [(m, m.training) for m in model.modules()]
+    momenta = [m.momentum for m in bns]
+    seen = 0
+    try:
+        model.eval()
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average: every batch weighs the same
+            m.train()
+        with torch.no_grad():
+            for x in images:
+                model(x)
+                seen += len(x)
+    finally:
+        for m, momentum in zip(bns, momenta):
+            m.momentum = momentum
+        for m, mode in modes:
+            m.training = mode
+    if seen == 0:
+        raise ValueError("cannot recalibrate BatchNorm statistics on no images")
+    return len(bns)

@@ -46,7 +46,15 @@ from tqdm.auto import tqdm
 from .data import Dataset, batches
 from .latency import LatencyTable
 from .macs import macs_table
-from .model import get_config, gross_layers, search_space, set_config
+from .model import (
+    batchnorm_state,
+    get_config,
+    gross_layers,
+    load_batchnorm_state,
+    recalibrate_batchnorm,
+    search_space,
+    set_config,
+)
 from .series import GroSSConv2d
 
 __all__ = [
@@ -287,6 +295,11 @@ class ConfigEvaluator:
         Split configurations across the processes of the default ``torch.distributed`` group and
         gather the scores; default: when it is initialised. Every process must call with the
         same configurations and data.
+    calibration : sequence of Tensor, optional
+        Image batches (B, C, H, W) on which every configuration's BatchNorm statistics are
+        recalibrated (:func:`gross.recalibrate_batchnorm`) before it is scored; the model's own
+        statistics are put back afterwards. The tree still shares prefixes: statistics after a
+        GroSS layer depend only on the sizes up to it.
     """
 
     def __init__(
@@ -296,6 +309,7 @@ class ConfigEvaluator:
         method: str = "auto",
         max_cache_bytes: int | None = None,
         distributed: bool | None = None,
+        calibration: Sequence[Tensor] | None = None,
     ) -> None:
         if method not in ("auto", "tree", "plain"):
             raise ValueError(f"method must be 'auto', 'tree' or 'plain', got {method!r}")
@@ -307,6 +321,10 @@ class ConfigEvaluator:
         self.method = method
         self.max_cache_bytes = max_cache_bytes
         self.distributed = distributed
+        self.calibration = list(calibration) if calibration is not None else None
+        if self.calibration is not None and not self.calibration:
+            raise ValueError("calibration needs at least one batch of images")
+        self._bn: dict[Configuration, list] = {}
         self._plan: _StagePlan | None = None
         self._rows_per_batch: int | None = None
         if method != "plain":
@@ -371,9 +389,11 @@ class ConfigEvaluator:
             return []
         model = self.model
         active, was_training = get_config(model), model.training
+        saved_bn = batchnorm_state(model) if self.calibration is not None else None
         model.eval()
         try:
             with torch.no_grad():
+                self._calibrate(configs)
                 if self.method == "tree":
                     try:
                         return self._run(configs, source, progress, tree=True)
@@ -385,7 +405,26 @@ class ConfigEvaluator:
                 return self._run(configs, source, progress, tree=False)
         finally:
             set_config(model, active)
+            if saved_bn is not None:
+                load_batchnorm_state(model, saved_bn)
+                self._bn.clear()
             model.train(was_training)
+
+    def _calibrate(self, configs: list[Configuration]) -> None:
+        if self.calibration is None:
+            return
+        device = _model_device(self.model)
+        images = [x.to(device) for x in self.calibration]
+        for c in configs:
+            set_config(self.model, c)
+            if not recalibrate_batchnorm(self.model, images):
+                self.calibration = None  # no BatchNorm: nothing differs per configuration
+                return
+            self._bn[c] = batchnorm_state(self.model)
+
+    def _use(self, config: Configuration) -> None:
+        if self._bn:
+            load_batchnorm_state(self.model, self._bn[config])
 
     def _run(self, configs: list[Configuration], source: Callable, progress: bool, tree: bool) -> list[Score]:
         device = _model_device(self.model)
@@ -400,6 +439,7 @@ class ConfigEvaluator:
                 else:
                     for c in configs:
                         set_config(self.model, c)
+                        self._use(c)
                         _accumulate(sums, c, self.model(xs), ys)
         if count == 0:
             raise ValueError("cannot evaluate on empty data")
@@ -437,6 +477,7 @@ class ConfigEvaluator:
                 while j < hi and paths[j][0][depth] == size:
                     j += 1
                 plan.modules[depth].group_size = size
+                self._use(paths[i][1])
                 out = plan.run(depth + 1, env, x)
                 if depth == depth_last:
                     _accumulate(sums, paths[i][1], out, y)
@@ -444,6 +485,7 @@ class ConfigEvaluator:
                     descend(depth + 1, out, i, j)
                 i = j
 
+        self._use(paths[0][1])
         descend(0, plan.run(0, {}, x), 0, len(paths))
 
 
@@ -456,6 +498,7 @@ def evaluate_configs(
     method: str = "auto",
     max_cache_bytes: int | None = None,
     distributed: bool | None = None,
+    calibration: Sequence[Tensor] | None = None,
     progress: bool = False,
 ) -> list[Score]:
     """Validation accuracy and loss of many configurations, sharing work across common prefixes.
@@ -471,7 +514,7 @@ def evaluate_configs(
         device), ready batches, or a callable that returns one pass of batches.
     batch_size : int
         For a dataset only.
-    method, max_cache_bytes, distributed
+    method, max_cache_bytes, distributed, calibration
         See :class:`ConfigEvaluator`.
     progress : bool
         Show a progress bar over the batches.
@@ -482,7 +525,7 @@ def evaluate_configs(
         One per configuration, in the given order; equal to setting each configuration and
         running the model on every batch.
     """
-    evaluator = ConfigEvaluator(model, method=method, max_cache_bytes=max_cache_bytes, distributed=distributed)
+    evaluator = ConfigEvaluator(model, method=method, max_cache_bytes=max_cache_bytes, distributed=distributed, calibration=calibration)
     return evaluator(configs, _batch_source(data, batch_size, _model_device(model)), progress=progress)
 
 
@@ -1098,6 +1141,7 @@ def search(
     max_cache_bytes: int | None = None,
     chunk_size: int = 64,
     distributed: bool | None = None,
+    calibration: Sequence[Tensor] | None = None,
     progress: bool = True,
     **options: Any,
 ) -> SearchResult:
@@ -1130,9 +1174,10 @@ def search(
         For datasets.
     input_shape : (C, H, W), optional
         For the MACs; default the shape of the first validation batch.
-    method, max_cache_bytes, distributed
+    method, max_cache_bytes, distributed, calibration
         See :class:`ConfigEvaluator`. Under ``torch.distributed`` every process must call this
-        with the same arguments; only rank 0 writes files.
+        with the same arguments; only rank 0 writes files. With ``calibration`` every
+        configuration is scored with BatchNorm statistics recalibrated on those images.
     chunk_size : int
         Configurations scored per pass over the data: each pass shares work within it, and its
         results are written when it ends.
@@ -1164,7 +1209,9 @@ def search(
     cost = macs if cost is None else cost
     cost_name = cost.name if isinstance(cost, AdditiveCost) else getattr(cost, "__name__", "cost")
     limit = resolve_budget(budget, space, cost)
-    evaluator = ConfigEvaluator(model, method=method, max_cache_bytes=max_cache_bytes, distributed=distributed)
+    evaluator = ConfigEvaluator(
+        model, method=method, max_cache_bytes=max_cache_bytes, distributed=distributed, calibration=calibration
+    )
     _, world = _world(distributed)
     # One process writes, also when every process evaluates everything (distributed=False).
     main_process = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
