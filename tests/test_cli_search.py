@@ -116,9 +116,16 @@ def test_search_resumes_from_its_files(run, capsys):
     assert "beam over 36 configurations" in err and "(0 scored now)" in err and "chosen (beam, budget uniform:2)" in out
     # Scores of another validation split are not reused silently.
     assert main(["search", *args, "--set", "data.split_seed=1"]) == 1
-    assert "holds the search of another GroSS model or validation split; pass --force" in error_line(capsys.readouterr().err)
+    assert "holds the search of another GroSS model, validation split or BatchNorm recalibration; pass --force" in error_line(capsys.readouterr().err)
     assert main(["search", *args, "--set", "data.split_seed=1", "--force"]) == 0
     assert "(36 scored now)" in capsys.readouterr().err
+    # Nor scores made with other BatchNorm statistics (the paper network has none: same scores).
+    assert main(["search", *args, "--set", "data.split_seed=1", "--set", "search.recalibrate=12"]) == 1
+    assert "BatchNorm recalibration; pass --force" in error_line(capsys.readouterr().err)
+    before = rows(search / "results.csv")
+    assert main(["search", *args, "--set", "data.split_seed=1", "--set", "search.recalibrate=12", "--force"]) == 0
+    assert "(36 scored now)" in capsys.readouterr().err
+    assert sorted(r["val_accuracy"] for r in rows(search / "results.csv")) == sorted(r["val_accuracy"] for r in before)
 
 
 def test_latency_table_and_search_under_it(run, capsys):

@@ -101,6 +101,7 @@ from .train import (
     CHECKPOINT,
     TrainingError,
     augmentation_for,
+    calibration_batches,
     decompose_fixed,
     evaluate,
     finetune,
@@ -624,19 +625,17 @@ def _fingerprint(ctx: Context) -> dict:
             digest.update(chunk)
     d = ctx.cfg.data
     data = {"dataset": d.dataset, "val_size": d.val_size, "split_seed": d.split_seed, "limit": d.limit, "mean": d.mean, "std": d.std}
-    return {"model_sha256": digest.hexdigest(), "data": data, "recalibrate": ctx.cfg.search.recalibrate}
+    fingerprint = {"model_sha256": digest.hexdigest(), "data": data}
+    if ctx.cfg.search.recalibrate:  # absent otherwise, so that searches made before the setting existed stay valid
+        fingerprint["recalibrate"] = ctx.cfg.search.recalibrate
+    return fingerprint
 
 
 def _calibration(ctx: Context, count: int) -> list[torch.Tensor] | None:
-    """``count`` training images (a seeded draw, unaugmented) in evaluation batches, or None for 0."""
     if count <= 0:
         return None
-    train = ctx.splits().train
-    if count > len(train):
-        raise StageError(f"recalibrate asks for {count} images; the training split has {len(train)}")
-    keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(ctx.cfg.data.split_seed))[:count]
-    batches = prepare_batches(train.subset(keep.to(train.images.device)), ctx.cfg.data.eval_batch_size, ctx.device, ctx.cfg.channels_last)
-    return [x for x, _ in batches]
+    d = ctx.cfg.data
+    return calibration_batches(ctx.splits().train, count, d.split_seed, d.eval_batch_size, ctx.device, ctx.cfg.channels_last)
 
 
 def _uniform_configs_of(space: Sequence[Sequence[int]]) -> list[tuple[str, tuple[int, ...]]]:
@@ -694,7 +693,7 @@ def stage_search(ctx: Context, skip_done: bool = False) -> bool:
         fingerprint = _fingerprint(ctx)
         stale = (source or {}).get("fingerprint") != fingerprint and (out / "results.csv").is_file()
         if stale and not ctx.force:
-            raise StageError(f"{out} holds the search of another GroSS model or validation split; pass --force to start the search over (or delete {out})")
+            raise StageError(f"{out} holds the search of another GroSS model, validation split or BatchNorm recalibration; pass --force to start the search over (or delete {out})")
         if stale or ctx.force:
             for name in ("results.csv", "best.json", "uniform.csv", "source.json"):
                 (out / name).unlink(missing_ok=True)

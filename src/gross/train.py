@@ -82,6 +82,7 @@ __all__ = [
     "train_fixed",
     "evaluate",
     "prepare_batches",
+    "calibration_batches",
     "CHECKPOINT",
     "METRICS",
 ]
@@ -331,6 +332,29 @@ def _eval_sums(
         zero = torch.zeros((), device=_model_device(model))
         return zero, zero, 0
     return loss, correct, count
+
+
+def calibration_batches(
+    dataset: Dataset,
+    count: int,
+    seed: int = 0,
+    batch_size: int = 1000,
+    device: torch.device | str | None = None,
+    channels_last: bool = False,
+) -> list[Tensor]:
+    """``count`` images drawn from ``dataset`` with ``seed``, normalised and unaugmented, in batches.
+
+    The images on which :func:`gross.recalibrate_batchnorm` re-estimates each configuration's
+    BatchNorm statistics (a few hundred training images suffice).
+
+    Returns
+    -------
+    list of Tensor, each (B, C, H, W)
+    """
+    if not 0 < count <= len(dataset):
+        raise ValueError(f"cannot draw {count} calibration images from {len(dataset)}")
+    keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count]
+    return [x for x, _ in prepare_batches(dataset.subset(keep), batch_size, device, channels_last)]
 
 
 def evaluate(
