@@ -27,7 +27,12 @@ from gross.checkpoint import load_model
 from gross.config import resolve_config
 from gross.model import search_space
 from gross.search import evaluate_configs, macs_cost, search, uniform_config
-from gross.train import calibration_batches, load_splits, prepare_batches
+from gross.train import (
+    augmentation_for,
+    calibration_batches,
+    load_splits,
+    prepare_batches,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,6 +42,8 @@ def main() -> None:
     parser.add_argument("-c", "--config", required=True)
     parser.add_argument("--budgets", type=int, nargs="+", default=[4, 16], help="uniform group sizes whose MACs are the budgets")
     parser.add_argument("--recalibrate", type=int, nargs="+", default=[0, 500], help="calibration images (0: trained statistics)")
+    parser.add_argument("--clean-calibration", action="store_true",
+                        help="calibrate on unaugmented images (default: augmented as in training); suffix -clean on folders and output")
     parser.add_argument("--val-images", type=int, default=2000, help="validation images the search scores on (0: all)")
     parser.add_argument("--set", action="append", default=[], help="KEY=VALUE overrides of the configuration")
     parser.add_argument("--out", default=None, help="default experiments/results/NAME/large_space.json")
@@ -64,17 +71,21 @@ def main() -> None:
     if s.strategy not in options:
         raise SystemExit(f"search.strategy must be beam or evolution for a large space, got {s.strategy}")
 
-    out = Path(args.out) if args.out else ROOT / "experiments" / "results" / cfg.name / "large_space.json"
+    suffix = "-clean" if args.clean_calibration else ""
+    out = Path(args.out) if args.out else ROOT / "experiments" / "results" / cfg.name / f"large_space{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    report = {"config": args.config, "overrides": args.set, "val_images": len(val_set), "space": [list(x) for x in space],
+    report = {"config": args.config, "overrides": args.set, "val_images": len(val_set), "calibration": "clean" if suffix else "augmented", "space": [list(x) for x in space],
               "space_size": int(torch.tensor([len(x) for x in space]).prod()), "strategy": s.strategy, "options": options[s.strategy], "runs": []}
     for count in args.recalibrate:
-        calibration = calibration_batches(splits.train, count, d.split_seed, d.eval_batch_size, "cpu", cfg.channels_last) if count else None
+        calibration = (
+            calibration_batches(splits.train, count, d.split_seed, d.eval_batch_size, "cpu", cfg.channels_last, None if args.clean_calibration else augmentation_for(d))
+            if count else None
+        )
         for b in args.budgets:
             started = time.perf_counter()
             result = search(
                 model, val, strategy=s.strategy, budget=f"uniform:{b}", input_shape=shape,
-                out_dir=run / f"search-uniform{b}-recal{count}", calibration=calibration, progress=True, **options[s.strategy],
+                out_dir=run / f"search-uniform{b}-recal{count}{suffix if count else ''}", calibration=calibration, progress=True, **options[s.strategy],
             )
             uniform = uniform_config(space, b)
             best = result.best

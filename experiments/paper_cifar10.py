@@ -11,9 +11,9 @@ Steps, each skipped when its output exists (so a killed experiment continues whe
 2. The same GroSS training at the other alphas (``--alphas``, default 0 4 8), sharing the base
    network and the decomposition (run folders ``NAME-alpha0`` ...), and with the nested series
    (``NAME-nested``, its own decomposition).
-3. ``gross fixed``: the uniform configurations 1, 4, 16, 32 and the two best configurations (by val
-   accuracy in the GroSS space) within the MACs of uniform 4 and of uniform 16, each decomposed,
-   reconstructed and finetuned on its own.
+3. ``gross fixed``: the uniform configurations 1, 4, 16, 32 and, for every alpha, the two best
+   configurations (by val accuracy in that GroSS space) within the MACs of uniform 4 and of
+   uniform 16, each decomposed, reconstructed and finetuned on its own.
 4. Test accuracy of every fixed network and of the base network; Tables 2 and 3 of the paper,
    Figure 1 (GroSS accuracy minus the separately trained accuracy, per alpha) and the nested
    against the independent series, written to ``--out`` as summary.json, tables.md,
@@ -83,7 +83,9 @@ def stage_seconds(run: Path) -> dict[str, float]:
         if path.is_file():
             out[stage] = round(sum(json.loads(line)["seconds"] for line in path.read_text().splitlines() if line), 1)
     if (run / "decompose" / "model.safetensors").is_file():
-        out["decompose"] = round(float(read_meta(run / "decompose" / "model.safetensors").get("seconds") or 0), 1)
+        seconds = read_meta(run / "decompose" / "model.safetensors").get("seconds")
+        if seconds is not None:  # gross fixed does not record it
+            out["decompose"] = round(float(seconds), 1)
     if (run / "search" / "best.json").is_file():
         out["search"] = round(json.loads((run / "search" / "best.json").read_text())["seconds"], 1)
     return out
@@ -125,10 +127,9 @@ def main() -> None:
         gross("run", *common, "--name", run.name, "--set", "decompose.nested=true")
         variants["nested"] = read_results(run)
 
-    # 3. Fixed configurations: the uniform ones and the two best within each budget.
-    main_results = results[cfg.finetune.alpha]
-    found = {b: best_within(main_results, b, 2) for b in BUDGETS}
-    fixed = ["-".join([str(s)] * 3) for s in UNIFORM] + [c for b in BUDGETS for c in found[b]]
+    # 3. Fixed configurations: the uniform ones and, for every alpha, the two best within each budget.
+    found = {a: {b: best_within(r, b, 2) for b in BUDGETS} for a, r in results.items()}
+    fixed = ["-".join([str(s)] * 3) for s in UNIFORM] + [c for a in found for b in BUDGETS for c in found[a][b]]
     fixed = list(dict.fromkeys(fixed))
     gross("fixed", *common, *[a for c in fixed for a in ("--config", c.replace("-", ","))])
 
@@ -157,11 +158,12 @@ def main() -> None:
         "recipe": cfg.recipe,
         "base": base,
         "fixed": fixed_scores,
-        "found": {f"uniform:{b}": found[b] for b in BUDGETS},
+        "found": {f"alpha{a:g}": {f"uniform:{b}": found[a][b] for b in BUDGETS} for a in found},
         "gross": {
             f"alpha{a:g}": {c: {"val": pct(r, c, "val"), "test": pct(r, c, "test"), "macs": int(r[c]["macs"])} for c in r}
             for a, r in results.items()
         },
+        # Runs seeded from the main run list its base (and decomposition) seconds again.
         "stage_seconds": {p.name: stage_seconds(p) for p in sorted(runs.glob(f"{name}*")) if p.is_dir()},
         "fixed_stage_seconds": {c: stage_seconds(main_run / "fixed" / c) for c in fixed},
         "seconds_this_call": round(time.time() - started, 1),
@@ -191,23 +193,25 @@ def tables(s: dict, alpha: float) -> str:
     for size in sorted(UNIFORM, reverse=True):
         c = "-".join([str(size)] * 3)
         lines.append(f"| fixed {size} | {fx[c]['test']:.2f} | {fx[c]['val']:.2f} | {fx[c]['macs'] / 1e6:.3f} | {g[c]['test']:.2f} | {PAPER_TABLE2[str(size)]:.2f} |")
-    lines += [
-        "",
-        f"Table 3: the two best configurations (val accuracy inside GroSS, alpha {alpha:g}) within each budget, retrained on their own.",
-        "",
-        "| budget | configuration | MACs (M) | GroSS test acc | trained on its own (test) | vs. the uniform one | paper: configuration, GroSS, own, vs. uniform |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for b in sorted(BUDGETS, reverse=True):
-        key = f"uniform:{b}"
-        uni = "-".join([str(b)] * 3)
-        paper = PAPER_TABLE3[key]
-        for i, c in enumerate(s["found"][key]):
-            p = paper["rows"][i]
-            lines.append(
-                f"| {key} (fixed {fx[uni]['test']:.2f}; in GroSS {g[uni]['test']:.2f}) | {c} | {g[c]['macs'] / 1e6:.3f} | {g[c]['test']:.2f} | "
-                f"{fx[c]['test']:.2f} | {fx[c]['test'] - fx[uni]['test']:+.2f} | {p[0]}, {p[1]:.2f}, {p[2]:.2f}, {p[3]:+.2f} |"
-            )
+    for key_alpha in s["found"]:
+        g = s["gross"][key_alpha]
+        lines += [
+            "",
+            f"Table 3 ({key_alpha.replace('alpha', 'alpha ')}): the two best configurations (val accuracy inside GroSS) within each budget, retrained on their own.",
+            "",
+            "| budget | configuration | MACs (M) | GroSS test acc | trained on its own (test) | vs. the uniform one | paper: configuration, GroSS, own, vs. uniform |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for b in sorted(BUDGETS, reverse=True):
+            key = f"uniform:{b}"
+            uni = "-".join([str(b)] * 3)
+            paper = PAPER_TABLE3[key]
+            for i, c in enumerate(s["found"][key_alpha][key]):
+                p = paper["rows"][i]
+                lines.append(
+                    f"| {key} (fixed {fx[uni]['test']:.2f}; in GroSS {g[uni]['test']:.2f}) | {c} | {g[c]['macs'] / 1e6:.3f} | {g[c]['test']:.2f} | "
+                    f"{fx[c]['test']:.2f} | {fx[c]['test'] - fx[uni]['test']:+.2f} | {p[0]}, {p[1]:.2f}, {p[2]:.2f}, {p[3]:+.2f} |"
+                )
     lines += [
         "",
         "GroSS accuracy minus the separately trained accuracy (test, percentage points), per alpha (Figure 1):",
@@ -218,6 +222,9 @@ def tables(s: dict, alpha: float) -> str:
     for c in sorted(fx, key=lambda c: fx[c]["macs"]):
         cells = [f"{s['gross'][k][c]['test'] - fx[c]['test']:+.2f}" for k in s["gross"]]
         lines.append(f"| {c} | {fx[c]['macs'] / 1e6:.3f} | {fx[c]['test']:.2f} | " + " | ".join(cells) + " |")
+    configs = sorted(fx, key=lambda c: fx[c]["macs"])
+    cells = [f"{spearman([s['gross'][k][c]['test'] for c in configs], [fx[c]['test'] for c in configs]):.2f}" for k in s["gross"]]
+    lines.append("| Spearman rank correlation with the separately trained accuracy | | | " + " | ".join(cells) + " |")
     lines += ["", "Every GroSS space (test accuracy %, all 252 configurations):", "",
               "| space | mean | min | max | uniform 1 | uniform 4 | uniform 16 | uniform 32 | best val within uniform:4 | best val within uniform:16 |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -231,6 +238,17 @@ def tables(s: dict, alpha: float) -> str:
         uni = " | ".join(f"{rows['-'.join([str(u)] * 3)]['test']:.2f}" for u in UNIFORM)
         lines.append(f"| {k} | {sum(tests) / len(tests):.2f} | {min(tests):.2f} | {max(tests):.2f} | {uni} | {best[0]} | {best[1]} |")
     return "\n".join(lines) + "\n"
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Rank correlation (average ranks for ties)."""
+    def ranks(x: list[float]) -> torch.Tensor:
+        t = torch.tensor(x, dtype=torch.float64)
+        return torch.tensor([(t < v).sum().item() + ((t == v).sum().item() + 1) / 2 for v in t.tolist()], dtype=torch.float64)
+
+    ra, rb = ranks(a), ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
 
 
 def figures(s: dict, out: Path, alpha: float) -> None:

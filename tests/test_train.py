@@ -472,3 +472,22 @@ def test_decompose_fixed_and_train_fixed(tmp_path):
     assert "val_acc" in history["finetune"][0]
     with pytest.raises(ValueError, match="do not exist: \\['conv9'\\]"):
         train.decompose_fixed(tiny_net(), {"conv9": 2})
+
+
+def test_calibration_batches_are_seeded_augmented_and_checked():
+    from gross.data import Augmentation, Dataset
+    from gross.train import calibration_batches
+
+    gen = torch.Generator().manual_seed(0)
+    data = Dataset(torch.randint(0, 256, (30, 3, 8, 8), dtype=torch.uint8, generator=gen), torch.arange(30) % 3, ("a", "b", "c"), (0.5,) * 3, (0.5,) * 3)
+    clean = calibration_batches(data, 12, seed=1, batch_size=5)
+    assert [len(x) for x in clean] == [5, 5, 2]
+    # The clean images are 12 distinct rows of the dataset, normalised.
+    rows = torch.cat(clean) * 0.5 + 0.5
+    source = data.images.float() / 255
+    assert all(any(torch.allclose(r, s, atol=1e-6) for s in source) for r in rows)
+    aug = Augmentation(pad=2, flip=True)
+    a, b = calibration_batches(data, 12, seed=1, augmentation=aug), calibration_batches(data, 12, seed=1, augmentation=aug)
+    assert torch.equal(torch.cat(a), torch.cat(b)) and not torch.equal(torch.cat(a), torch.cat(clean))
+    with pytest.raises(ValueError, match="cannot draw 31"):
+        calibration_batches(data, 31)

@@ -635,7 +635,7 @@ def _calibration(ctx: Context, count: int) -> list[torch.Tensor] | None:
     if count <= 0:
         return None
     d = ctx.cfg.data
-    return calibration_batches(ctx.splits().train, count, d.split_seed, d.eval_batch_size, ctx.device, ctx.cfg.channels_last)
+    return calibration_batches(ctx.splits().train, count, d.split_seed, d.eval_batch_size, ctx.device, ctx.cfg.channels_last, augmentation_for(d))
 
 
 def _uniform_configs_of(space: Sequence[Sequence[int]]) -> list[tuple[str, tuple[int, ...]]]:

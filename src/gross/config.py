@@ -161,7 +161,7 @@ class EvaluateConfig:
     uniform: bool = True  # every configuration with one group size in every layer
     samples: int = 16  # random configurations drawn uniformly from the space
     seed: int = 0  # seed of the random configurations
-    recalibrate: int = 0  # re-estimate BatchNorm statistics for every configuration on this many training images (seeded, unaugmented; 0: the trained statistics)
+    recalibrate: int = 0  # re-estimate BatchNorm statistics for every configuration on this many training images (seeded, augmented as in training; 0: the trained statistics)
 
 
 SEARCH_STRATEGIES = ("auto", "exhaustive", "beam", "evolution")
@@ -181,7 +181,7 @@ class SearchConfig:
     max_evaluations: int = 100  # evolution: configurations scored in all
     seed: int = 0  # evolution: seed of the random draws
     test: bool = False  # also measure every configuration's test accuracy (reported only; the search chooses on val)
-    recalibrate: int = 0  # re-estimate BatchNorm statistics for every configuration on this many training images before scoring it (seeded, unaugmented; 0: the trained statistics, shared by all configurations)
+    recalibrate: int = 0  # re-estimate BatchNorm statistics for every configuration on this many training images before scoring it (seeded, augmented as in training; 0: the trained statistics, shared by all configurations)
 
 
 @dataclass
