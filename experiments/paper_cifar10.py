@@ -131,7 +131,12 @@ def main() -> None:
     found = {a: {b: best_within(r, b, 2) for b in BUDGETS} for a, r in results.items()}
     fixed = ["-".join([str(s)] * 3) for s in UNIFORM] + [c for a in found for b in BUDGETS for c in found[a][b]]
     fixed = list(dict.fromkeys(fixed))
-    gross("fixed", *common, *[a for c in fixed for a in ("--config", c.replace("-", ","))])
+    diverged = []
+    for c in fixed:  # one call each, so that one diverging network does not stop the others
+        try:
+            gross("fixed", *common, "--config", c.replace("-", ","))
+        except subprocess.CalledProcessError:
+            diverged.append(c)
 
     # 4. Test (and val) accuracy of the fixed networks and the base network.
     splits = load_splits(cfg.data)
@@ -147,7 +152,7 @@ def main() -> None:
         return row
 
     base = score(main_run / "base" / "model.safetensors")
-    fixed_scores = {c: score(main_run / "fixed" / c / "gross" / "model.safetensors") for c in fixed}
+    fixed_scores = {c: score(main_run / "fixed" / c / "gross" / "model.safetensors") for c in fixed if c not in diverged}
 
     def pct(rows: dict, config: str, split: str) -> float:
         return round(100 * float(rows[config][f"{split}_accuracy"]), 2)
@@ -158,6 +163,7 @@ def main() -> None:
         "recipe": cfg.recipe,
         "base": base,
         "fixed": fixed_scores,
+        "fixed_diverged": diverged,  # training stopped on a non-finite loss (gross fixed's message above)
         "found": {f"alpha{a:g}": {f"uniform:{b}": found[a][b] for b in BUDGETS} for a in found},
         "gross": {
             f"alpha{a:g}": {c: {"val": pct(r, c, "val"), "test": pct(r, c, "test"), "macs": int(r[c]["macs"])} for c in r}
@@ -165,7 +171,7 @@ def main() -> None:
         },
         # Runs seeded from the main run list its base (and decomposition) seconds again.
         "stage_seconds": {p.name: stage_seconds(p) for p in sorted(runs.glob(f"{name}*")) if p.is_dir()},
-        "fixed_stage_seconds": {c: stage_seconds(main_run / "fixed" / c) for c in fixed},
+        "fixed_stage_seconds": {c: stage_seconds(main_run / "fixed" / c) for c in fixed if c not in diverged},
         "seconds_this_call": round(time.time() - started, 1),
     }
     if "nested" in variants:
@@ -208,6 +214,9 @@ def tables(s: dict, alpha: float) -> str:
             paper = PAPER_TABLE3[key]
             for i, c in enumerate(s["found"][key_alpha][key]):
                 p = paper["rows"][i]
+                if c not in fx:
+                    lines.append(f"| {key} | {c} | {g[c]['macs'] / 1e6:.3f} | {g[c]['test']:.2f} | diverged | - | {p[0]}, {p[1]:.2f}, {p[2]:.2f}, {p[3]:+.2f} |")
+                    continue
                 lines.append(
                     f"| {key} (fixed {fx[uni]['test']:.2f}; in GroSS {g[uni]['test']:.2f}) | {c} | {g[c]['macs'] / 1e6:.3f} | {g[c]['test']:.2f} | "
                     f"{fx[c]['test']:.2f} | {fx[c]['test'] - fx[uni]['test']:+.2f} | {p[0]}, {p[1]:.2f}, {p[2]:.2f}, {p[3]:+.2f} |"
