@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -26,7 +27,13 @@ import torch
 from gross.checkpoint import load_model
 from gross.config import resolve_config
 from gross.model import search_space
-from gross.search import evaluate_configs, macs_cost, search, uniform_config
+from gross.search import (
+    evaluate_configs,
+    format_config,
+    macs_cost,
+    search,
+    uniform_config,
+)
 from gross.train import (
     augmentation_for,
     calibration_batches,
@@ -75,7 +82,7 @@ def main() -> None:
     out = Path(args.out) if args.out else ROOT / "experiments" / "results" / cfg.name / f"large_space{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {"config": args.config, "overrides": args.set, "val_images": len(val_set), "calibration": "clean" if suffix else "augmented", "space": [list(x) for x in space],
-              "space_size": int(torch.tensor([len(x) for x in space]).prod()), "strategy": s.strategy, "options": options[s.strategy], "runs": []}
+              "space_size": math.prod(len(x) for x in space), "strategy": s.strategy, "options": options[s.strategy], "runs": []}
     for count in args.recalibrate:
         calibration = (
             calibration_batches(splits.train, count, d.split_seed, d.eval_batch_size, "cpu", cfg.channels_last, None if args.clean_calibration else augmentation_for(d))
@@ -93,9 +100,9 @@ def main() -> None:
             (fv, uv), (ft, ut) = (evaluate_configs(model, pair, data, calibration=calibration) for data in (val, test))
             row = {
                 "recalibrate": count, "budget": f"uniform:{b}", "limit_macs": result.limit,
-                "found": "-".join(map(str, best.config)), "found_val": round(100 * fv.accuracy, 2),
+                "found": format_config(best.config), "found_val": round(100 * fv.accuracy, 2),
                 "found_test": round(100 * ft.accuracy, 2), "found_macs": best.macs,
-                "uniform": "-".join(map(str, uniform)), "uniform_val": round(100 * uv.accuracy, 2),
+                "uniform": format_config(uniform), "uniform_val": round(100 * uv.accuracy, 2),
                 "uniform_test": round(100 * ut.accuracy, 2), "uniform_macs": int(macs(uniform)),
                 "evaluations": result.evaluations, "seconds": round(time.perf_counter() - started, 1),
             }

@@ -50,6 +50,11 @@ UNIFORM = (1, 4, 16, 32)
 BUDGETS = (4, 16)
 
 
+def uniform(size: int) -> str:
+    """The configuration with one group size in each of the paper network's three GroSS layers."""
+    return "-".join([str(size)] * 3)
+
+
 def gross(*args: str) -> None:
     cmd = [sys.executable, "-m", "gross.cli", *args]
     print("+ gross " + " ".join(args), flush=True)
@@ -70,7 +75,7 @@ def seed_run(source: Path, target: Path, stages: tuple[str, ...]) -> None:
 
 
 def best_within(results: dict[str, dict], budget_size: int, count: int) -> list[str]:
-    limit = int(results["-".join([str(budget_size)] * 3)]["macs"])
+    limit = int(results[uniform(budget_size)]["macs"])
     fits = [r for r in results.values() if int(r["macs"]) <= limit]
     fits.sort(key=lambda r: (-float(r["val_accuracy"]), int(r["macs"])))
     return [r["config"].replace(",", "-") for r in fits[:count]]
@@ -113,7 +118,7 @@ def main() -> None:
     results = {cfg.finetune.alpha: read_results(main_run)}
 
     # 2. Other alphas (same base and decomposition) and the nested series.
-    variants = {}
+    nested = None
     for alpha in args.alphas:
         if alpha == cfg.finetune.alpha:
             continue
@@ -125,11 +130,11 @@ def main() -> None:
         run = runs / f"{name}-nested"
         seed_run(main_run, run, ("base",))
         gross("run", *common, "--name", run.name, "--set", "decompose.nested=true")
-        variants["nested"] = read_results(run)
+        nested = read_results(run)
 
     # 3. Fixed configurations: the uniform ones and, for every alpha, the two best within each budget.
     found = {a: {b: best_within(r, b, 2) for b in BUDGETS} for a, r in results.items()}
-    fixed = ["-".join([str(s)] * 3) for s in UNIFORM] + [c for a in found for b in BUDGETS for c in found[a][b]]
+    fixed = [uniform(s) for s in UNIFORM] + [c for a in found for b in BUDGETS for c in found[a][b]]
     fixed = list(dict.fromkeys(fixed))
     diverged = []
     for c in fixed:  # one call each, so that one diverging network does not stop the others
@@ -154,8 +159,10 @@ def main() -> None:
     base = score(main_run / "base" / "model.safetensors")
     fixed_scores = {c: score(main_run / "fixed" / c / "gross" / "model.safetensors") for c in fixed if c not in diverged}
 
-    def pct(rows: dict, config: str, split: str) -> float:
-        return round(100 * float(rows[config][f"{split}_accuracy"]), 2)
+    def space(rows: dict[str, dict]) -> dict[str, dict]:
+        """results.csv rows as accuracies in % and MACs, by configuration."""
+        return {c: {"val": round(100 * float(r["val_accuracy"]), 2), "test": round(100 * float(r["test_accuracy"]), 2),
+                    "macs": int(r["macs"])} for c, r in rows.items()}
 
     summary = {
         "config": args.config,
@@ -165,20 +172,12 @@ def main() -> None:
         "fixed": fixed_scores,
         "fixed_diverged": diverged,  # training stopped on a non-finite loss (gross fixed's message above)
         "found": {f"alpha{a:g}": {f"uniform:{b}": found[a][b] for b in BUDGETS} for a in found},
-        "gross": {
-            f"alpha{a:g}": {c: {"val": pct(r, c, "val"), "test": pct(r, c, "test"), "macs": int(r[c]["macs"])} for c in r}
-            for a, r in results.items()
-        },
+        "gross": {f"alpha{a:g}": space(r) for a, r in results.items()} | ({"nested": space(nested)} if nested else {}),
         # Runs seeded from the main run list its base (and decomposition) seconds again.
         "stage_seconds": {p.name: stage_seconds(p) for p in sorted(runs.glob(f"{name}*")) if p.is_dir()},
         "fixed_stage_seconds": {c: stage_seconds(main_run / "fixed" / c) for c in fixed if c not in diverged},
         "seconds_this_call": round(time.time() - started, 1),
     }
-    if "nested" in variants:
-        summary["gross"]["nested"] = {
-            c: {"val": pct(variants["nested"], c, "val"), "test": pct(variants["nested"], c, "test"), "macs": int(r["macs"])}
-            for c, r in variants["nested"].items()
-        }
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     (out / "tables.md").write_text(tables(summary, cfg.finetune.alpha))
     figures(summary, out, cfg.finetune.alpha)
@@ -197,7 +196,7 @@ def tables(s: dict, alpha: float) -> str:
         f"| full | {s['base']['test']:.2f} | {s['base']['val']:.2f} | {s['base']['macs'] / 1e6:.3f} | - | {PAPER_TABLE2['full']:.2f} |",
     ]
     for size in sorted(UNIFORM, reverse=True):
-        c = "-".join([str(size)] * 3)
+        c = uniform(size)
         lines.append(f"| fixed {size} | {fx[c]['test']:.2f} | {fx[c]['val']:.2f} | {fx[c]['macs'] / 1e6:.3f} | {g[c]['test']:.2f} | {PAPER_TABLE2[str(size)]:.2f} |")
     for key_alpha in s["found"]:
         g = s["gross"][key_alpha]
@@ -210,7 +209,7 @@ def tables(s: dict, alpha: float) -> str:
         ]
         for b in sorted(BUDGETS, reverse=True):
             key = f"uniform:{b}"
-            uni = "-".join([str(b)] * 3)
+            uni = uniform(b)
             paper = PAPER_TABLE3[key]
             for i, c in enumerate(s["found"][key_alpha][key]):
                 p = paper["rows"][i]
@@ -241,7 +240,7 @@ def tables(s: dict, alpha: float) -> str:
         tests = [r["test"] for r in rows.values()]
         best = []
         for b in BUDGETS:
-            limit = rows["-".join([str(b)] * 3)]["macs"]
+            limit = rows[uniform(b)]["macs"]
             c = max((c for c in rows if rows[c]["macs"] <= limit), key=lambda c: (rows[c]["val"], -rows[c]["macs"]))
             best.append(f"{c}: {rows[c]['test']:.2f}")
         uni = " | ".join(f"{rows['-'.join([str(u)] * 3)]['test']:.2f}" for u in UNIFORM)

@@ -18,10 +18,10 @@ normal equations are the Kronecker product of the two Gram matrices restricted t
 block-diagonal entries, solved in closed form for one group, by Cholesky when ``D * g`` is small
 and by conjugate gradients (warm started, hence still monotone) otherwise. After each update the
 blocks of ``last`` and ``first`` are re-orthonormalised (QR, triangular factors absorbed into the
-core), which makes each block's own part of the core's normal equations the identity. The
+core), which makes each block's own part of the core's normal equations the identity. Each step
+is followed by an extrapolation along the step's change, kept only when it lowers the error. The
 returned factors are rescaled per block to equal norms (the orthonormal form puts all the scale
-in the core, and SGD on such factors diverged at the paper's reconstruction learning rate). Each step is followed by an extrapolation along the step's change, kept
-only when it lowers the error.
+in the core, and SGD on such factors diverged at the paper's reconstruction learning rate).
 
 ALS is a local method, and the start decides which local minimum it reaches:
 

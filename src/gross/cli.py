@@ -59,14 +59,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from . import __version__
-from .checkpoint import (
-    CheckpointError,
-    atomic_write,
-    load_model,
-    make_arch,
-    read_meta,
-    save_model,
-)
+from .checkpoint import CheckpointError, atomic_write, load_model, make_arch, read_meta, save_model
 from .config import Config, ConfigError, config_to_dict, dump_config, resolve_config
 from .data import DataError, Splits
 from .export import export_onnx
