@@ -114,6 +114,11 @@ def test_search_resumes_from_its_files(run, capsys):
     assert main(["search", *args, "--budget", "uniform:2", "--strategy", "beam"]) == 0
     out, err = capsys.readouterr()
     assert "beam over 36 configurations" in err and "(0 scored now)" in err and "chosen (beam, budget uniform:2)" in out
+    # Whatever the strategy, nothing scored that fits the budget beats the choice.
+    best = json.loads((search / "best.json").read_text())
+    for row in rows(search / "results.csv") + rows(search / "uniform.csv"):
+        if float(row["cost"]) <= best["limit"]:
+            assert float(row["val_accuracy"]) <= best["best"]["val_accuracy"], row
     # Scores of another validation split are not reused silently.
     assert main(["search", *args, "--set", "data.split_seed=1"]) == 1
     assert "holds the search of another GroSS model, validation split or BatchNorm recalibration; pass --force" in error_line(capsys.readouterr().err)

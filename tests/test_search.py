@@ -505,6 +505,45 @@ def test_interrupted_search_resumes_without_rescoring(tmp_path, monkeypatch):
     assert len(rows) == 30 and len({r["config"] for r in rows}) == 30
 
 
+def fabricated_scores(monkeypatch, accuracy):
+    """Scores set by ``accuracy(config)``, so that a test can mislead a strategy on purpose."""
+    monkeypatch.setattr(
+        S.ConfigEvaluator, "__call__", lambda self, configs, data, **kw: [S.Score(accuracy(c), 1.0) for c in configs]
+    )
+
+
+def assert_nothing_scored_beats(result, rows):
+    """No configuration scored (anywhere) within the budget has a higher val accuracy than the pick."""
+    for row in rows:
+        if float(row["cost"]) <= result.limit:
+            assert float(row["val_accuracy"]) <= result.best.val_accuracy, row
+
+
+def test_search_picks_the_best_of_everything_scored_within_the_budget(tmp_path, monkeypatch):
+    model = small_paper_net()
+    space = gross.search_space(model)
+    uniform_1 = S.uniform_config(space, 1)
+    # Larger sizes score higher, so a width-1 beam never tries the all-ones configuration;
+    # that one scores best of all.
+    fabricated_scores(monkeypatch, lambda c: 0.9 if c == uniform_1 else sum(c) / 100)
+    options = dict(strategy="beam", budget="uniform:8", width=1, progress=False)
+    alone = S.search(model, synthetic_batches(), **options)
+    assert uniform_1 not in {r.config for r in alone.records} and alone.best.val_accuracy < 0.9
+    # The uniform baselines given as extra configurations are scored, recorded and chosen.
+    uniform = [S.uniform_config(space, g) for g in (1, 2, 4, 8, 16)]
+    result = S.search(model, synthetic_batches(), out_dir=tmp_path / "extra", extra=uniform, **options)
+    assert result.best.config == uniform_1 and {r.config for r in result.records} >= set(uniform)
+    rows = read_rows(tmp_path / "extra" / "results.csv")
+    assert {S.parse_config(r["config"]) for r in rows} >= set(uniform)
+    assert json.loads((tmp_path / "extra" / "best.json").read_text())["best"]["config"] == list(uniform_1)
+    assert_nothing_scored_beats(result, rows)
+    # Scores taken from an earlier search's results.csv (another budget) count as well.
+    S.search(model, synthetic_batches(), strategy="exhaustive", budget=None, out_dir=tmp_path / "csv", progress=False)
+    result = S.search(model, synthetic_batches(), out_dir=tmp_path / "csv", **options)
+    assert result.best.config == uniform_1 and result.evaluated_now == 0
+    assert_nothing_scored_beats(result, read_rows(tmp_path / "csv" / "results.csv"))
+
+
 def test_resume_drops_a_row_cut_short(tmp_path):
     model = small_paper_net()
     data = synthetic_batches()

@@ -82,10 +82,8 @@ from .models import build_model
 from .report import pareto_front, read_results, write_report
 from .search import (
     AdditiveCost,
-    evaluate_configs,
     feasible_configs,
     macs_cost,
-    params_cost,
     resolve_budget,
     uniform_config,
 )
@@ -708,9 +706,8 @@ def stage_search(ctx: Context, skip_done: bool = False) -> bool:
     shape = _input_shape(ctx)
     val = _split_batches(ctx, "val")
     test = _split_batches(ctx, "test") if s.test else None
-    macs, params = macs_cost(model, shape), params_cost(model)
     table = _on_lead(ctx, lambda: _load_latency(_latency_path(ctx), names, "search.cost: latency")) if s.cost == "latency" else None
-    cost = AdditiveCost.from_latency_table(table) if table is not None else macs
+    cost = AdditiveCost.from_latency_table(table) if table is not None else macs_cost(model, shape)
     budget = _budget(s.budget)
     limit = resolve_budget(budget, space, cost)
     strategy, options = _strategy(ctx, space, cost, limit)
@@ -723,24 +720,23 @@ def stage_search(ctx: Context, skip_done: bool = False) -> bool:
         out.mkdir(parents=True, exist_ok=True)
         _write_json(out / "source.json", {"fingerprint": _fingerprint(ctx), "settings": settings, "strategy": strategy, "options": options})
     ctx.barrier()
-    calibration = _calibration(ctx, s.recalibrate)
+    # The uniform configurations (the paper's baselines) are scored whether or not they fit the
+    # budget, and chosen when one fits and beats the strategy's pick.
+    uniform = _uniform_configs_of(space)
     result = run_search(
         model, val, strategy=strategy, budget=budget, cost=table, test_data=test, out_dir=out,
-        input_shape=shape, calibration=calibration, progress=ctx.progress and ctx.lead, **options,
+        input_shape=shape, calibration=_calibration(ctx, s.recalibrate), progress=ctx.progress and ctx.lead,
+        extra=[c for _, c in uniform], **options,
     )
-    # The uniform configurations (the paper's baselines), scored whether or not they fit the budget.
-    uniform = _uniform_configs_of(space)
-    configs = [c for _, c in uniform]
-    val_scores = evaluate_configs(model, configs, val, calibration=calibration)
-    test_scores = evaluate_configs(model, configs, test, calibration=calibration) if test is not None else [None] * len(configs)
     if ctx.lead:
+        records = {r.config: r for r in result.records}
         rows = [
             {
-                "config": "-".join(map(str, c)), "label": label, "cost": repr(float(cost(c))), "macs": int(macs(c)),
-                "params": int(params(c)), "val_accuracy": repr(v.accuracy), "val_loss": repr(v.loss),
-                "test_accuracy": "" if t is None else repr(t.accuracy),
+                "config": "-".join(map(str, c)), "label": label, "cost": repr(records[c].cost), "macs": records[c].macs,
+                "params": records[c].params, "val_accuracy": repr(records[c].val_accuracy), "val_loss": repr(records[c].val_loss),
+                "test_accuracy": "" if records[c].test_accuracy is None else repr(records[c].test_accuracy),
             }
-            for (label, c), v, t in zip(uniform, val_scores, test_scores)
+            for label, c in uniform
         ]
         atomic_write(out / "uniform.csv", _csv_text(rows, ["config", "label", "cost", "macs", "params", "val_accuracy", "val_loss", "test_accuracy"]))
         ctx.log(f"[search] {result.evaluations} configurations ({result.evaluated_now} scored now) in {result.seconds:.1f}s; "

@@ -1040,9 +1040,11 @@ class SearchResult:
     layers : tuple of str
         GroSS layer names: the order of every configuration.
     records : list of Record
-        Every configuration the strategy asked for, in the order it first asked.
+        Every configuration the strategy asked for, in the order it first asked, then the extra
+        ones.
     best : Record
-        Highest validation accuracy (ties: lower cost).
+        Highest validation accuracy within the limit among everything scored, including the
+        scores taken from results.csv (ties: lower cost, then the smaller sizes).
     evaluated_now : int
         Configurations scored by this call; the others came from an earlier run's results.csv.
     space_size : int
@@ -1126,6 +1128,12 @@ def _read_csv(path: Path, space: Sequence[Sequence[int]]) -> tuple[dict[Configur
     return rows, cut
 
 
+def _best_within(records: Mapping[Configuration, Record], limit: float) -> Configuration | None:
+    """Highest validation accuracy within ``limit``; ties: lower cost, then the smaller sizes."""
+    within = [c for c, r in records.items() if r.cost <= limit]
+    return min(within, key=lambda c: (-records[c].val_accuracy, records[c].cost, c), default=None)
+
+
 def search(
     model: nn.Module,
     data: Data,
@@ -1143,9 +1151,14 @@ def search(
     distributed: bool | None = None,
     calibration: Sequence[Tensor] | None = None,
     progress: bool = True,
+    extra: Sequence[Sequence[int]] = (),
     **options: Any,
 ) -> SearchResult:
     """Find the configuration with the best validation accuracy within a budget.
+
+    The answer is the best within the budget among everything scored: the strategy's
+    configurations, the ``extra`` ones and every score taken from ``results.csv``, so a
+    configuration a report shows as fitting and better is never passed over.
 
     Parameters
     ----------
@@ -1183,6 +1196,9 @@ def search(
         results are written when it ends.
     progress : bool
         Show a progress bar over the configurations scored.
+    extra : sequence of configurations
+        Scored besides the strategy's, within the budget or not (the uniform baselines a report
+        compares against); recorded like the others, and chosen when one fits and scores best.
 
     Returns
     -------
@@ -1293,23 +1309,28 @@ def search(
             if writer:
                 _write_csv(csv_path, new, append=True)
                 # The summary of an interrupted search: the best of what is on disk so far.
-                within = [r for r in records.values() if r.cost <= limit]
-                best = max(within, key=lambda r: (r.val_accuracy, -r.cost)).config if within else None
-                _write_json(folder / "best.json", summary(best, len(records), finished=False))
+                _write_json(folder / "best.json", summary(_best_within(records, limit), len(records), finished=False))
             bar.update(len(chunk))
         return [records[c].val_accuracy for c in configs]
 
     objective = Objective(space, score, cost, limit, known={c: r.val_accuracy for c, r in records.items()})
+    extra = [evaluator._validate(c) for c in extra]
     try:
-        best_config, _ = STRATEGIES[strategy](objective, **options)
+        STRATEGIES[strategy](objective, **options)
+        unscored = [c for c in dict.fromkeys(extra) if c not in records]
+        if unscored:
+            score(unscored)
     finally:
         bar.close()
+    # A strategy only sees what it asked for; scores from results.csv and the extra
+    # configurations may hold a better one within the budget.
+    best_config = _best_within(records, limit)
     result = SearchResult(
         strategy=strategy,
         limit=limit,
         cost_name=cost_name,
         layers=layers,
-        records=[records[c] for c in objective.scores],
+        records=[records[c] for c in dict.fromkeys([*objective.scores, *extra])],
         best=records[best_config],
         evaluated_now=scored_now,
         space_size=objective.size,
