@@ -182,29 +182,26 @@ def test_bad_input_is_one_line(run, capsys, tmp_path):
     assert "gross/model.safetensors is missing; run `gross finetune --name fresh`" in error_line(capsys.readouterr().err)
 
 
-def test_missing_extras_are_skipped_with_a_message(run, capsys, monkeypatch):
+def test_missing_onnx_extras_are_skipped_with_a_message(run, capsys, monkeypatch):
     import gross.cli
 
     args, folder = run
     installed = gross.cli._installed
-    monkeypatch.setattr(gross.cli, "_installed", lambda m: m not in ("onnxscript", "matplotlib") and installed(m))
+    monkeypatch.setattr(gross.cli, "_installed", lambda m: m != "onnxscript" and installed(m))
     assert main(["export", *args, "--config", "1,2,4"]) == 0
     out, _ = capsys.readouterr()
     assert "net.onnx skipped: onnxscript not installed (pip install 'gross[export]')" in out
     assert not (folder / "export" / "net.onnx").exists() and (folder / "export" / "net.json").is_file()
-    assert main(["search", *args]) == 0
-    capsys.readouterr()
-    assert main(["report", *args]) == 1
-    assert "gross report needs matplotlib" in error_line(capsys.readouterr().err)
-    assert not (folder / "report.md").exists()
     if ONNX:
         monkeypatch.setattr(gross.cli, "_installed", lambda m: m != "onnxruntime" and installed(m))
         assert main(["export", *args, "--config", "1,2,4", "--force"]) == 0
         out, _ = capsys.readouterr()
         assert (folder / "export" / "net.onnx").is_file() and "net.onnx not checked: onnxruntime not installed" in out
-    # gross run goes on without the report, saying why.
-    monkeypatch.setattr(gross.cli, "_installed", lambda m: m != "matplotlib" and installed(m))
+    # gross run finishes without ONNX, the report included, saying in one line which extra adds it.
+    monkeypatch.setattr(gross.cli, "_installed", lambda m: m not in ("onnx", "onnxscript") and installed(m))
+    shutil.rmtree(folder / "export")
     assert main(["run", *args]) == 0
-    out, err = capsys.readouterr()
-    assert "[report] skipped: gross report needs matplotlib" in err and "report:" not in out
-    assert "exported 1,2,4 (--config)" in out  # a configuration given by the user stays, whatever the search chose
+    out, _ = capsys.readouterr()
+    assert (folder / "report.md").is_file() and f"report: {folder / 'report.md'}" in out
+    assert "net.onnx skipped: onnx and onnxscript not installed (pip install 'gross[export]')" in out
+    assert not (folder / "export" / "net.onnx").exists()

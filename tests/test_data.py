@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from gross import data
 from gross.data import (
     CIFAR10_CLASSES,
+    DIGITS_FILE,
     PAPER_MEAN,
     PAPER_STD,
     Augmentation,
@@ -164,6 +165,14 @@ def test_digits() -> None:
     assert torch.equal(load_digits()[1].images, test.images)
     splits = load_dataset()
     assert (len(splits.train), len(splits.val), len(splits.test)) == (1150, 288, 359)
+
+
+def test_shipped_digits_are_scikit_learns() -> None:
+    sklearn_datasets = pytest.importorskip("sklearn.datasets")
+    digits = sklearn_datasets.load_digits()
+    with np.load(DIGITS_FILE) as shipped:
+        assert np.array_equal(shipped["images"], digits.images) and np.array_equal(shipped["labels"], digits.target)
+    assert DIGITS_FILE.stat().st_size < 100_000
 
 
 @needs_shared_cifar

@@ -108,7 +108,6 @@ from .train import (
 __all__ = [
     "main",
     "StageError",
-    "MissingExtra",
     "Context",
     "select_configurations",
     "parse_config_arg",
@@ -525,10 +524,6 @@ def _rows_csv(rows: Sequence[Row]) -> str:
 SEARCH_DIR = "search"
 EXPORT_DIR = "export"
 REPORT = "report.md"
-
-
-class MissingExtra(StageError):
-    """An optional dependency (matplotlib, onnx) is not installed; the message names the extra."""
 
 
 def _on_lead(ctx: Context, fn: Any) -> Any:
@@ -1083,8 +1078,6 @@ def stage_report(ctx: Context, skip_done: bool = False) -> Path | None:
         return path
     if ctx.lead:
         rows, labels, best = _search_results(ctx)
-        if not _installed("matplotlib"):
-            raise MissingExtra("gross report needs matplotlib for its plots: pip install 'gross[report]'")
         arch = _gross_arch(ctx)
         names = [spec["name"] for spec in arch["layers"]]
         space = [tuple(spec["group_sizes"]) for spec in arch["layers"]]
@@ -1380,17 +1373,12 @@ def _cmd_run(ctx: Context) -> None:
     stage_finetune(ctx, skip_done=True)
     stage_search(ctx, skip_done=True)
     summary = stage_export(ctx, skip_done=True)
-    try:
-        report = stage_report(ctx, skip_done=True)
-    except MissingExtra as err:
-        ctx.log(f"[report] skipped: {err}")
-        report = None
+    report = stage_report(ctx, skip_done=True)
     if ctx.lead:
         print(format_results(ctx, summary), flush=True)
         print("", flush=True)
         print(format_export(ctx, summary), flush=True)
-        if report is not None:
-            print(f"report: {report}", flush=True)
+        print(f"report: {report}", flush=True)
         ctx.log(f"[run] {ctx.run_dir} in {time.perf_counter() - start:.0f}s")
 
 
