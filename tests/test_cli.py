@@ -32,6 +32,11 @@ def test_defaults_round_trip_through_yaml(tmp_path):
     assert resolve_config([path]) == cfg
 
 
+def test_a_number_of_images_stays_a_whole_number():
+    assert "val_size: 10000\n" in dump_config(resolve_config(overrides=["data.val_size=10000"]))
+    assert resolve_config().data.val_size == 0.2
+
+
 def test_file_then_overrides_take_precedence(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("train: {epochs: 7, lr: 0.2}\ndecompose: {skip: [conv1]}\n")

@@ -272,6 +272,10 @@ def test_unknown_or_missing_dataset(tmp_path: Path) -> None:
     _one_line(err)
     with pytest.raises(DataError, match="neither"):
         load_dataset(tmp_path)
+    # A relative path that is not there says where it was looked for.
+    with pytest.raises(DataError, match=r"'../shared/nope': no such file or folder \(relative paths start from the current folder, /") as err:
+        load_dataset("../shared/nope")
+    _one_line(err)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1207,7 +1207,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "5000 fit, else a beam search), export of the chosen configuration (export/: the export.* settings, with "
                        "ONNX), report (report.md and plots). Prints the Pareto front, the uniform configurations and the chosen "
                        "one with their val accuracy and MACs, then where the exported files are. With no arguments: the quick run "
-                       "on the embedded digits dataset (about two minutes on two CPU cores)."), epilog=SET_HELP, formatter_class=fmt)
+                       "on the embedded digits dataset."), epilog=SET_HELP, formatter_class=fmt)
     _common(p, force=False)
     for name, helptext in [
         ("train", "base training of the original network (-> base/)"),
@@ -1250,7 +1250,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="the plain network at one configuration (-> export/)",
                        description=_wrap("Export the finetuned GroSS network at one configuration as standard convs: "
-                       "export/net.safetensors + net.json (load with gross.export.load), net.onnx (checked against torch with "
+                       "export/net.safetensors + net.json (load with gross.load), net.onnx (checked against torch with "
                        "onnxruntime when installed), summary.json. Prints MACs, parameters, val accuracy and measured latency of "
                        "the exported network against the original one."), epilog=SET_HELP, formatter_class=fmt)
     _common(p, stage=False)

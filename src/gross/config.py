@@ -1,7 +1,7 @@
 """Configuration: one dataclass per stage, YAML in, resolved YAML out.
 
 Every field has a default and a comment. The defaults are the quick run on the embedded digits
-dataset (``gross run`` with no arguments, a few minutes on two CPU cores) with the optimiser
+dataset (``gross run`` with no arguments) with the optimiser
 recipe of the authors' released code, which trains; ``experiments/paper-cifar10.yaml`` holds the
 paper's full CIFAR-10 schedule.
 
@@ -63,7 +63,8 @@ class ConfigError(ValueError):
 class DataConfig:
     dataset: str = "digits"  # "digits" (embedded, 1,797 8x8 digits upsampled to 32x32x3), "cifar10" (looked for in root), or a path to a .npz file or to a folder of train.npz + test.npz or cifar-10-batches-py
     root: str = "data"  # where "cifar10" is looked for
-    val_size: float = 0.2  # validation split cut from train: a fraction (< 1) or a number of images (>= 1; CIFAR-10: 10000)
+    download: bool = False  # "cifar10" missing from root: download it there from the official address and check its MD5
+    val_size: Union[int, float] = 0.2  # validation split cut from train: a fraction (< 1) or a number of images (>= 1; CIFAR-10: 10000)
     split_seed: int = 0  # seed of the stratified validation split
     pad: int = 4  # augmentation: zero padding before the random crop back to the input size (authors' code 4, paper text 2; 0: no crop)
     flip: bool = False  # augmentation: horizontal flip with p = 0.5 (off for digits, which are not mirror-symmetric; on in both CIFAR recipes)

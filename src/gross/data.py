@@ -528,6 +528,9 @@ def load_dataset(
             full = load_npz(path)
             keep, held = stratified_indices(full.labels, _HELD_OUT_FRACTION, _HELD_OUT_SEED)
             train, test = full.subset(keep), full.subset(held)
+        elif not path.exists() and (path.suffix or len(path.parts) > 1):
+            where = "" if path.is_absolute() else f" (relative paths start from the current folder, {Path.cwd()})"
+            raise DataError(f"dataset {str(name_or_path)!r}: no such file or folder{where}")
         else:
             raise DataError(
                 f"unknown dataset {str(name_or_path)!r}: use 'digits', 'cifar10', or a path to "

@@ -167,7 +167,7 @@ def load_splits(cfg: DataConfig) -> Splits:
     """Train, validation and test sets as :class:`gross.data.Splits` for a data configuration."""
     val: int | float = cfg.val_size if cfg.val_size < 1 else int(cfg.val_size)
     splits = load_dataset(
-        cfg.dataset, val_size=val, seed=cfg.split_seed, root=cfg.root, mean=cfg.mean, std=cfg.std
+        cfg.dataset, val_size=val, seed=cfg.split_seed, download=cfg.download, root=cfg.root, mean=cfg.mean, std=cfg.std
     )
     if cfg.limit:
         keep = torch.arange(min(cfg.limit, len(splits.train)))
