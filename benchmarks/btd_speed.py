@@ -101,7 +101,9 @@ def baseline_btd(w: torch.Tensor, g: int, cap_s: float) -> dict:
         errors.append(float(torch.linalg.norm(w - total) / norm))
         if len(errors) > 1 and errors[-2] - errors[-1] < BASELINE_TOL:
             break
-    return {"time_s": time.perf_counter() - start, "error": errors[-1], "sweeps": sweeps, "capped": capped}
+    elapsed = time.perf_counter() - start
+    kappa = float(sum(float(b.norm()) ** 2 for b in blocks if b is not None) / float(total.norm()) ** 2)
+    return {"time_s": elapsed, "error": errors[-1], "kappa": kappa, "sweeps": sweeps, "capped": capped}
 
 
 def gross_btd(w: torch.Tensor, g: int, target: float) -> dict:

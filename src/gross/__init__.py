@@ -14,7 +14,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from . import models, search  # noqa: E402
-from .btd import BTD, btd, btd_to_weight  # noqa: E402
+from .btd import BTD, btd, btd_to_weight, conditioning  # noqa: E402
 from .expand import expand  # noqa: E402
 from .export import export, export_onnx, load, save  # noqa: E402
 from .latency import LatencyTable, latency_table  # noqa: E402
@@ -42,6 +42,7 @@ __all__ = [
     "BTD",
     "btd",
     "btd_to_weight",
+    "conditioning",
     "expand",
     "GroSSConv2d",
     "default_group_sizes",
