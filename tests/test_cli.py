@@ -13,8 +13,9 @@ import pytest
 import yaml
 
 from gross import checkpoint as ckpt
-from gross.cli import main, parse_config_arg
+from gross.cli import main
 from gross.config import Config, ConfigError, dump_config, parse_override, resolve_config
+from gross.model import format_config, parse_config
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
@@ -95,10 +96,12 @@ def test_paper_experiment_file_resolves():
     assert paper.train.batch_size == 128 and paper.data.pad == 2
 
 
-def test_parse_config_arg():
-    assert parse_config_arg("2,32,64") == (2, 32, 64)
-    assert parse_config_arg("2-32-64") == (2, 32, 64)
-    assert parse_config_arg("conv2=2,conv3=4") == {"conv2": 2, "conv3": 4}
+def test_one_configuration_format_both_ways():
+    assert parse_config("2,32,64") == parse_config("2-32-64") == parse_config(format_config((2, 32, 64))) == (2, 32, 64)
+    assert format_config((2, 32, 64)) == "2-32-64"
+    assert parse_config("conv2=2, conv3=4") == {"conv2": 2, "conv3": 4}
+    with pytest.raises(ValueError, match="expected group sizes like 2-32-64, 2,32,64 or conv2=2,conv3=32"):
+        parse_config("two")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,7 +156,7 @@ def test_run_writes_every_stage_and_prints_the_table(tmp_path, capsys):
     assert sum("chosen" in line for line in lines) == 1 and any("pareto" in line for line in lines)
     best = json.loads((run / "search" / "best.json").read_text())
     assert best["finished"] and (run / "search" / "results.csv").is_file()
-    assert f"exported {','.join(map(str, best['best']['config']))} (the search's best) -> {run / 'export'}" in out
+    assert f"exported {best['best_config']} (the search's best) -> {run / 'export'}" in out
     assert (run / "export" / "net.safetensors").is_file() and (run / "export" / "net.json").is_file()
     assert (run / "report.md").is_file() and (run / "pareto.png").is_file() and f"report: {run / 'report.md'}" in out
     assert not (run / "evaluate").exists()
@@ -175,13 +178,13 @@ def test_run_writes_every_stage_and_prints_the_table(tmp_path, capsys):
     assert main(["evaluate", *tiny_args(tmp_path), "--config", "2,4,8", "--config", "conv3=1", "--split", "test",
                  "--out", str(tmp_path / "rows.csv")]) == 0
     out, _ = capsys.readouterr()
-    assert "2,4,8" in out and "4,1,8" in out and "test acc %" in out
+    assert "2-4-8" in out and "4-1-8" in out and "test acc %" in out
     assert (tmp_path / "rows.csv").read_text().count("\n") == 3
     # gross fixed trains one configuration on its own.
     assert main(["fixed", *tiny_args(tmp_path), "--config", "2,4,8"]) == 0
     out, _ = capsys.readouterr()
     fixed = run / "fixed" / "2-4-8" / "gross" / "model.safetensors"
-    assert fixed.is_file() and "2,4,8" in out
+    assert fixed.is_file() and "2-4-8" in out
     model, _ = ckpt.load_model(fixed)
     assert [m.group_sizes for n, m in model.named_modules() if hasattr(m, "group_sizes")] == [(2,), (4,), (8,)]
 

@@ -14,7 +14,7 @@ import torch
 from gross import checkpoint as ckpt
 from gross.cli import main
 from gross.export import load as load_export
-from gross.model import set_config
+from gross.model import format_config, set_config
 
 from test_cli import error_line, tiny_args
 
@@ -60,7 +60,7 @@ def test_search_export_report_write_their_files(run, capsys):
     lines = out.splitlines()
     assert lines[1].split()[:4] == ["configuration", "val", "acc", "%"] and "test acc %" in lines[1]
     chosen = [line for line in lines if "chosen" in line]
-    assert len(chosen) == 1 and chosen[0].startswith(",".join(map(str, best["best"]["config"])))
+    assert len(chosen) == 1 and chosen[0].startswith(best["best_config"])
     assert any("uniform 4" in line for line in lines) and any("pareto" in line for line in lines)
 
     assert main(["export", *args, "--best"]) == 0
@@ -91,7 +91,7 @@ def test_search_export_report_write_their_files(run, capsys):
     report = (folder / "report.md").read_text()
     assert (folder / "pareto.png").is_file() and (folder / "front_group_sizes.png").is_file()
     assert "uniform:4 (<=" in report and "uniform:16 (<=" in report and "uniform 8" in report
-    assert "## Measured latency" in report and "exported " + ",".join(map(str, summary["config"])) in report
+    assert "## Measured latency" in report and "exported " + format_config(summary["config"]) in report
 
 
 def test_search_resumes_from_its_files(run, capsys):
@@ -168,7 +168,7 @@ def test_bad_input_is_one_line(run, capsys, tmp_path):
     assert "group size 3 is not valid for conv2; choose from [1, 2, 4]" in fails("export", "--config", "3,4,8")
     assert "has 2 sizes; the network has 3 GroSS layers (conv2, conv3, conv4)" in fails("export", "--config", "2,4")
     assert "names conv9, which are not GroSS layers" in fails("export", "--config", "conv9=2")
-    assert "expected group sizes like 2,32,64" in fails("export", "--config", "two")
+    assert "not a configuration: 'two' (expected group sizes like 2-32-64" in fails("export", "--config", "two")
     assert "unknown budget 'lots'" in fails("search", "--budget", "lots")
     assert "below the cheapest configuration" in fails("search", "--max-macs", "10")
     assert "search.strategy: expected one of" in fails("search", "--set", "search.strategy=greedy")

@@ -218,8 +218,11 @@ def test_finetune_improves_accuracy_at_a_configuration():
     _, model = exact_gross_net()
     data = tiny_splits()
     start = train.evaluate(model, data.train, (2, 2, 2)).loss
-    train.finetune(model, data, FinetuneConfig(epochs=3, batch_size=16, lr=0.05, alpha=50.0, milestones=[]))
+    history = train.finetune(model, data, FinetuneConfig(epochs=3, batch_size=16, lr=0.05, alpha=50.0, milestones=[]))
     assert train.evaluate(model, data.train, (2, 2, 2)).loss < start
+    # Validation accuracy is named by configuration: the largest and the smallest.
+    largest, smallest = (gross.model.format_config(s[i] for s in gross.search_space(model)) for i in (-1, 0))
+    assert {f"val_acc_{largest}", f"val_acc_{smallest}"} <= set(history[-1])
 
 
 def test_base_training_learns_and_writes_metrics(tmp_path):

@@ -70,9 +70,11 @@ from .macs import count_macs, macs_table
 from .model import (
     batchnorm_state,
     decompose,
+    format_config,
     get_config,
     gross_layers,
     load_batchnorm_state,
+    parse_config,
     recalibrate_batchnorm,
     sample_config,
     search_space,
@@ -110,7 +112,6 @@ __all__ = [
     "StageError",
     "Context",
     "select_configurations",
-    "parse_config_arg",
     "stage_search",
     "stage_latency",
     "stage_export",
@@ -339,23 +340,6 @@ def stage_finetune(ctx: Context, skip_done: bool = False, root: Path | None = No
     _finish(ctx, out, model, meta["arch"], _stage_info(ctx, "finetune", history))
 
 
-def format_config(config: Sequence[int]) -> str:
-    return ",".join(str(s) for s in config)
-
-
-def parse_config_arg(text: str) -> tuple[int, ...] | dict[str, int]:
-    """``"2,32,64"`` (or ``2-32-64``) -> ``(2, 32, 64)``; ``"conv2=2,conv3=32"`` -> a dict."""
-    parts = [p.strip() for p in text.replace("-", ",").split(",") if p.strip()] if "=" not in text else [
-        p.strip() for p in text.split(",") if p.strip()
-    ]
-    try:
-        if "=" in text:
-            return {k.strip(): int(v) for k, v in (p.split("=", 1) for p in parts)}
-        return tuple(int(p) for p in parts)
-    except ValueError:
-        raise StageError(f"--config {text!r}: expected group sizes like 2,32,64 or conv2=2,conv3=32") from None
-
-
 def _named_config(ctx: Context, config: tuple[int, ...] | dict[str, int]) -> dict[str, int]:
     if isinstance(config, dict):
         return config
@@ -371,7 +355,7 @@ def _named_config(ctx: Context, config: tuple[int, ...] | dict[str, int]) -> dic
 def stage_fixed(ctx: Context, config: tuple[int, ...] | dict[str, int], skip_done: bool = True) -> Path:
     """Decompose at one configuration, reconstruct and finetune it, in ``fixed/<config>/``."""
     named = _named_config(ctx, config)
-    root = ctx.run_dir / "fixed" / "-".join(str(s) for s in named.values())
+    root = ctx.run_dir / "fixed" / format_config(named.values())
     out = root / STAGE_DIRS["decompose"]
     if _start(ctx, "decompose", out, skip_done=True):
         arch = _base_arch(ctx)
@@ -514,7 +498,7 @@ def _rows_csv(rows: Sequence[Row]) -> str:
     writer = csv.writer(buf)
     writer.writerow(["config", "label", "accuracy", "loss", "macs"])
     for r in rows:
-        writer.writerow(["-".join(map(str, r.config)) if r.config else "", r.label, f"{r.accuracy:.6f}", f"{r.loss:.6f}", r.macs])
+        writer.writerow([format_config(r.config) if r.config else "", r.label, f"{r.accuracy:.6f}", f"{r.loss:.6f}", r.macs])
     return buf.getvalue()
 
 
@@ -727,7 +711,7 @@ def stage_search(ctx: Context, skip_done: bool = False) -> bool:
         records = {r.config: r for r in result.records}
         rows = [
             {
-                "config": "-".join(map(str, c)), "label": label, "cost": repr(records[c].cost), "macs": records[c].macs,
+                "config": format_config(c), "label": label, "cost": repr(records[c].cost), "macs": records[c].macs,
                 "params": records[c].params, "val_accuracy": repr(records[c].val_accuracy), "val_loss": repr(records[c].val_loss),
                 "test_accuracy": "" if records[c].test_accuracy is None else repr(records[c].test_accuracy),
             }
@@ -1399,7 +1383,7 @@ def _cmd_latency(ctx: Context, args: argparse.Namespace) -> None:
 
 
 def _cmd_export(ctx: Context, args: argparse.Namespace) -> None:
-    config = parse_config_arg(args.config) if args.config else None
+    config = parse_config(args.config) if args.config else None
     summary = stage_export(ctx, config, best=args.best)
     if ctx.lead and summary is not None:
         print(format_export(ctx, summary), flush=True)
@@ -1412,7 +1396,7 @@ def _cmd_report(ctx: Context) -> None:
 
 
 def _cmd_fixed(ctx: Context, args: argparse.Namespace) -> None:
-    configs: list[Any] = [parse_config_arg(c) for c in args.config]
+    configs: list[Any] = [parse_config(c) for c in args.config]
     if args.uniform:
         path = ctx.run_dir / STAGE_DIRS["decompose"] / MODEL
         if not path.is_file():
@@ -1441,7 +1425,7 @@ def _cmd_evaluate(ctx: Context, args: argparse.Namespace) -> None:
         raise StageError(f"{path} is missing; run `gross {args.stage}` first or pass --checkpoint")
     model, _ = load_model(path, ctx.device, expect=None if args.checkpoint else _base_arch(ctx))
     if gross_layers(model):
-        explicit = [parse_config_arg(c) for c in args.config]
+        explicit = [parse_config(c) for c in args.config]
         if explicit or args.uniform or args.samples is not None:
             configs = select_configurations(ctx, model, explicit, uniform=args.uniform, samples=args.samples or 0)
         else:

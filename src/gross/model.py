@@ -22,6 +22,8 @@ __all__ = [
     "gross_layers",
     "get_config",
     "set_config",
+    "format_config",
+    "parse_config",
     "search_space",
     "sample_config",
     "layer_specs",
@@ -180,6 +182,26 @@ def set_config(model: nn.Module, config: Config) -> None:
             raise ValueError(f"group size {s} is invalid for layer {name}; valid: {list(m.group_sizes)}")
     for _, m, s in pairs:
         m.group_size = s
+
+
+def format_config(config: Sequence[int]) -> str:
+    """``(2, 32, 64)`` -> ``"2-32-64"``: a configuration as printed, stored in CSV files and named in folders."""
+    return "-".join(str(int(s)) for s in config)
+
+
+def parse_config(text: str) -> tuple[int, ...] | dict[str, int]:
+    """A configuration from text, as :func:`set_config` takes it.
+
+    ``"2-32-64"`` or ``"2,32,64"`` -> ``(2, 32, 64)`` (one size per GroSS layer, in module order);
+    ``"conv2=2,conv3=32"`` -> ``{"conv2": 2, "conv3": 32}`` (named layers).
+    """
+    try:
+        if "=" in text:
+            pairs = (part.split("=", 1) for part in text.split(",") if part.strip())
+            return {name.strip(): int(size) for name, size in pairs}
+        return tuple(int(part) for part in text.replace(",", "-").split("-") if part.strip())
+    except ValueError:
+        raise ValueError(f"not a configuration: {text!r} (expected group sizes like 2-32-64, 2,32,64 or conv2=2,conv3=32)") from None
 
 
 def search_space(model: nn.Module) -> tuple[tuple[int, ...], ...]:

@@ -48,9 +48,11 @@ from .latency import LatencyTable
 from .macs import macs_table
 from .model import (
     batchnorm_state,
+    format_config,
     get_config,
     gross_layers,
     load_batchnorm_state,
+    parse_config,
     recalibrate_batchnorm,
     search_space,
     set_config,
@@ -678,19 +680,6 @@ def _check_space(space: Sequence[Sequence[int]]) -> None:
     for i, sizes in enumerate(space):
         if len(sizes) == 0:
             raise ValueError(f"the search space is empty: layer {i} has no group sizes")
-
-
-def format_config(config: Sequence[int]) -> str:
-    """``(2, 32, 64)`` -> ``"2-32-64"``."""
-    return "-".join(str(int(s)) for s in config)
-
-
-def parse_config(text: str) -> Configuration:
-    """``"2-32-64"`` -> ``(2, 32, 64)``."""
-    try:
-        return tuple(int(s) for s in text.strip().split("-"))
-    except ValueError:
-        raise ValueError(f"not a configuration: {text!r} (expected group sizes joined by '-', e.g. 2-32-64)") from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -72,7 +72,7 @@ from .data import (
     normalize,
     num_batches,
 )
-from .model import Config, decompose, get_config, gross_layers, sample_config, search_space, set_config
+from .model import Config, decompose, format_config, get_config, gross_layers, sample_config, search_space, set_config
 from .series import GroSSConv2d
 
 __all__ = [
@@ -684,7 +684,8 @@ def _gross_eval_configs(model: nn.Module) -> dict[str, Config]:
     space = search_space(model)
     if all(len(s) == 1 for s in space):
         return {"": _max_config(model)}
-    return {"_max": _max_config(model), "_min": _min_config(model)}
+    # Named by configuration ("val_acc_32-32-64"): a smaller network may score higher.
+    return {f"_{format_config(c)}": c for c in (_max_config(model), _min_config(model))}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -840,7 +841,8 @@ def reconstruct(
 
     Keyword options are those of :func:`train_base`. The model is left at its largest
     configuration. Returns the per-epoch records (``loss`` is the reconstruction loss;
-    ``val_acc_max``/``val_acc_min`` the validation accuracy at the largest and smallest sizes).
+    ``val_acc_32-32-64`` and the like: the validation accuracy at the largest and smallest
+    configurations).
     """
     cfg = cfg or ReconstructConfig()
     opts = _loop_options(options)
