@@ -92,4 +92,4 @@ def test_two_processes_stay_identical_and_match_one_process(tmp_path, stage):
         assert torch.allclose(value, s0[name], atol=1e-5, rtol=1e-4), name
     assert [r["loss"] for r in history] == pytest.approx([r["loss"] for r in m0["history"]], rel=1e-4)
     accuracies = [k for k in history[0] if k.startswith("val_acc")]
-    assert [[r[k] for k in accuracies] for r in history] == pytest.approx([[r[k] for k in accuracies] for r in m0["history"]])
+    assert [r[k] for r in history for k in accuracies] == pytest.approx([r[k] for r in m0["history"] for k in accuracies])
