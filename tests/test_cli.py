@@ -244,6 +244,16 @@ def test_errors_in_a_real_process_exit_nonzero_without_traceback(tmp_path):
     assert proc.stderr.startswith("gross: error: ") and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
 
 
+def test_redirected_output_gets_messages_but_no_progress_bars(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(SRC), os.environ.get("PYTHONPATH", "")) if p)}
+    args = [a for a in tiny_args(tmp_path) if a != "-q"]
+    proc = subprocess.run([sys.executable, "-m", "gross.cli", "train", *args, "--set", "train.epochs=1"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "[train]" in proc.stderr and ": paper on " in proc.stderr and ", 1 epoch\n" in proc.stderr
+    assert "\r" not in proc.stderr and "it/s" not in proc.stderr
+
+
 def test_help_documents_the_overrides(capsys):
     with pytest.raises(SystemExit):
         main(["run", "--help"])

@@ -70,6 +70,8 @@ def test_search_export_report_write_their_files(run, capsys):
     assert summary["config"] == best["best"]["config"] and summary["source"] == "search" and summary["fused"] == []
     assert (export / "net.safetensors").is_file() and (export / "net.json").is_file()
     assert "MACs (M)" in out and "latency (ms, cpu, batch 1)" in out and str(export) in out
+    # The test accuracy of the chosen network is shown (never used to choose).
+    assert set(summary["test_accuracy"]) == {"original", "exported"} and "test acc %" in out
     if ONNX:
         assert (export / "net.onnx").is_file() and "net.onnx" in summary["files"]
         if importlib.util.find_spec("onnxruntime"):
@@ -176,6 +178,7 @@ def test_bad_input_is_one_line(run, capsys, tmp_path):
     assert main(["export", *args, "--config", "1,1,1", "--no-onnx"]) == 0
     capsys.readouterr()
     assert "export exists; pass --force to replace it" in fails("export", "--config", "2,2,2")
+    assert "group size 3 is not valid for conv2" in fails("export", "--config", "3,3,3")  # checked before "exists"
     # A run that has not been finetuned yet.
     other = tiny_args(tmp_path, name="fresh")
     assert main(["search", *other]) == 1

@@ -223,13 +223,20 @@ def test_unreadable_npz_and_labels_out_of_range(tmp_path: Path) -> None:
         load_npz(tmp_path / "cut.npz")
     with open(tmp_path / "single.npz", "wb") as f:
         np.save(f, np.zeros(3))
-    with pytest.raises(DataError, match="single array"):
+    with pytest.raises(DataError, match="not a zip archive of arrays"):
         load_npz(tmp_path / "single.npz")
+    (tmp_path / "text.npz").write_text("some text, no zip")
+    with pytest.raises(DataError, match="not a zip archive of arrays") as err:
+        load_npz(tmp_path / "text.npz")
+    assert "pickle" not in _one_line(err)
     x = np.zeros((3, 32, 32, 3), np.uint8)
     np.savez(tmp_path / "train.npz", x=x, y=np.array([0, 1, 10]))
     np.savez(tmp_path / "test.npz", x=x, y=np.array([0, 1, 2]))
     with pytest.raises(DataError, match="labels span 0..10"):
         load_npz_folder(tmp_path, CIFAR10_CLASSES)
+    np.savez(tmp_path / "negative.npz", x=x, y=np.array([-9, -5, -1]))
+    with pytest.raises(DataError, match=r"labels span -9..-1; class labels are 0, 1, 2, ...$"):
+        load_npz(tmp_path / "negative.npz")
     np.savez(tmp_path / "train.npz", x=np.zeros((3, 16, 16, 3), np.uint8), y=np.array([0, 1, 2]))
     with pytest.raises(DataError, match="same dataset"):
         load_npz_folder(tmp_path)

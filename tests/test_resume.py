@@ -70,6 +70,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights(tmp_path):
     assert "Traceback" not in again.stderr and len(again.stderr.strip().splitlines()) == 1
     resumed = subprocess.run(command(tmp_path, "killed", "--resume"), env=env, capture_output=True, text=True, timeout=120)
     assert resumed.returncode == 0, resumed.stderr
+    assert f"[train] resuming from epoch {epoch} ({base / 'checkpoint.safetensors'})" in resumed.stderr
 
     a, _ = ckpt.load_tensors(tmp_path / "full" / "base" / "model.safetensors")
     b, _ = ckpt.load_tensors(base / "model.safetensors")

@@ -397,6 +397,16 @@ def test_stale_temporaries_are_cleaned(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
 
 
+def test_atomic_write_gives_files_the_mode_of_the_umask(tmp_path):
+    mask = os.umask(0o027)
+    try:
+        ckpt.atomic_write(tmp_path / "a", b"x")
+        (tmp_path / "b").write_bytes(b"x")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "a").stat().st_mode & 0o777 == (tmp_path / "b").stat().st_mode & 0o777 == 0o640
+
+
 def test_model_round_trip_with_gross_layers(tmp_path):
     _, model = exact_gross_net()
     gross.set_config(model, (2, 4, 2))

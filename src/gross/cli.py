@@ -230,7 +230,9 @@ def _start(ctx: Context, stage: str, out_dir: Path, skip_done: bool, sections: S
             return False
         raise StageError(f"{target} exists; pass --force to redo the {stage} stage (it is replaced only on success) or use another --name")
     ckpt = out_dir / CHECKPOINT
-    if ckpt.is_file() and not ctx.resume:
+    if ckpt.is_file() and ctx.resume:
+        ctx.log(f"[{stage}] resuming from epoch {read_meta(ckpt).get('epoch')} ({ckpt})")
+    elif ckpt.is_file():
         if not (ctx.restart or ctx.force):
             try:
                 epoch = f"epoch {read_meta(ckpt).get('epoch')} of "
@@ -261,6 +263,10 @@ def _load(ctx: Context, path: Path, stage_needed: str, expect: dict | None) -> t
 # Stages
 
 
+def _epochs(n: int) -> str:
+    return f"{n} epoch" if n == 1 else f"{n} epochs"
+
+
 def stage_train(ctx: Context, skip_done: bool = False) -> None:
     out = ctx.run_dir / STAGE_DIRS["train"]
     if not _start(ctx, "train", out, skip_done):
@@ -269,7 +275,7 @@ def stage_train(ctx: Context, skip_done: bool = False) -> None:
     arch = _base_arch(ctx)
     torch.manual_seed(cfg.train.seed)
     model = build_model(arch["model"], **arch["kwargs"]).to(ctx.device)
-    ctx.log(f"[train] {out}: {cfg.model.name} on {cfg.data.dataset}, {cfg.train.epochs} epochs")
+    ctx.log(f"[train] {out}: {cfg.model.name} on {cfg.data.dataset}, {_epochs(cfg.train.epochs)}")
     history = train_base(model, ctx.splits(), cfg.train, arch=arch, **ctx.loop_options(out))
     _finish(ctx, out, model, arch, _stage_info(ctx, "train", history))
 
@@ -322,7 +328,7 @@ def stage_reconstruct(ctx: Context, skip_done: bool = False, root: Path | None =
     original, _ = _load(ctx, ctx.run_dir / STAGE_DIRS["train"] / MODEL, "train", arch)
     model, meta = _load(ctx, root / STAGE_DIRS["decompose"] / MODEL, "decompose", arch)
     cfg = ctx.cfg.fixed.reconstruct if fixed else ctx.cfg.reconstruct
-    ctx.log(f"[reconstruct] {out}: {cfg.epochs} epochs")
+    ctx.log(f"[reconstruct] {out}: {_epochs(cfg.epochs)}")
     history = reconstruct(model, original, ctx.splits(), cfg, arch=meta["arch"], **ctx.loop_options(out))
     _finish(ctx, out, model, meta["arch"], _stage_info(ctx, "reconstruct", history))
 
@@ -335,7 +341,7 @@ def stage_finetune(ctx: Context, skip_done: bool = False, root: Path | None = No
     arch = _base_arch(ctx)
     model, meta = _load(ctx, root / STAGE_DIRS["reconstruct"] / MODEL, "reconstruct", arch)
     cfg = ctx.cfg.fixed.finetune if fixed else ctx.cfg.finetune
-    ctx.log(f"[finetune] {out}: {cfg.epochs} epochs, alpha {cfg.alpha:g}")
+    ctx.log(f"[finetune] {out}: {_epochs(cfg.epochs)}, alpha {cfg.alpha:g}")
     history = finetune(model, ctx.splits(), cfg, arch=meta["arch"], **ctx.loop_options(out))
     _finish(ctx, out, model, meta["arch"], _stage_info(ctx, "finetune", history))
 
@@ -834,6 +840,9 @@ def stage_export(ctx: Context, config: tuple[int, ...] | dict[str, int] | None =
     """The plain network at one configuration into ``export/`` (process 0); returns its summary."""
     out = ctx.run_dir / EXPORT_DIR
     summary_path = out / "summary.json"
+    if config is not None:  # a bad --config is the first thing to hear about
+        layers = _gross_arch(ctx)["layers"]
+        config = _named_choices([spec["name"] for spec in layers], [spec["group_sizes"] for spec in layers], config, "--config")
     if summary_path.is_file() and not ctx.force:
         if skip_done:
             summary = _read_json(summary_path)
@@ -880,6 +889,9 @@ def _export_into(ctx: Context, tmp: Path, model: torch.nn.Module, arch: dict, ba
             raise StageError(f"the exported network's outputs differ from the GroSS network's at {format_config(chosen)} by {diff:.3g} (tolerance {tol:.3g}); this is a bug in gross.export")
         check = {"max_abs_diff_vs_gross": diff}
     original_eval, exported_eval = evaluate(base, val), evaluate(exported, val)
+    # Reported only: the configuration was chosen on val before the test split was looked at.
+    test = _split_batches(ctx, "test") if len(ctx.splits().test) else None
+    test_accuracy = {"original": evaluate(base, test).accuracy, "exported": evaluate(exported, test).accuracy} if test else None
     lat = ctx.cfg.latency
     ctx.log(f"[export] timing the original and the exported network on {ctx.device}, batch {lat.batch_size}")
     ms = compare_latency({"original": base, "exported": exported}, shape, batch_size=lat.batch_size, device=ctx.device, repeats=lat.repeats)
@@ -894,6 +906,7 @@ def _export_into(ctx: Context, tmp: Path, model: torch.nn.Module, arch: dict, ba
         "macs": {"original": count_macs(base, shape).total, "exported": count_macs(exported, shape).total},
         "params": {"original": sum(p.numel() for p in base.parameters()), "exported": sum(p.numel() for p in exported.parameters())},
         "val_accuracy": {"original": original_eval.accuracy, "exported": exported_eval.accuracy},
+        "test_accuracy": test_accuracy,
         "latency_ms": {"original": ms["original"], "exported": ms["exported"]},
         "latency_setup": {"device": str(ctx.device), "batch_size": lat.batch_size, "repeats": lat.repeats},
         **check,
@@ -958,13 +971,16 @@ def format_export(ctx: Context, summary: dict) -> str:
     m, p, a, ms = summary["macs"], summary["params"], summary["val_accuracy"], summary["latency_ms"]
     fused = f"; fused into one dense conv: {', '.join(summary['fused'])}" if summary["fused"] else ""
     source = {"search": "the search's best", "given": "--config", "export.config": "export.config"}.get(summary["source"], summary["source"])
-    lines = [[label, o, e, r] for label, o, e, r in [
-        ("val acc %", f"{100 * a['original']:.2f}", f"{100 * a['exported']:.2f}", ""),
-        ("MACs (M)", f"{m['original'] / 1e6:.3f}", f"{m['exported'] / 1e6:.3f}", _ratio(m["original"], m["exported"], "fewer", "more")),
-        ("params (k)", f"{p['original'] / 1e3:.1f}", f"{p['exported'] / 1e3:.1f}", _ratio(p["original"], p["exported"], "fewer", "more")),
-        (f"latency (ms, {setup['device']}, batch {setup['batch_size']})", f"{ms['original']:.3f}", f"{ms['exported']:.3f}",
-         _ratio(ms["original"], ms["exported"], "faster", "slower")),
-    ]]
+    lines = [["val acc %", f"{100 * a['original']:.2f}", f"{100 * a['exported']:.2f}", ""]]
+    if summary.get("test_accuracy"):
+        t = summary["test_accuracy"]
+        lines.append(["test acc %", f"{100 * t['original']:.2f}", f"{100 * t['exported']:.2f}", "(reported only)"])
+    lines += [
+        ["MACs (M)", f"{m['original'] / 1e6:.3f}", f"{m['exported'] / 1e6:.3f}", _ratio(m["original"], m["exported"], "fewer", "more")],
+        ["params (k)", f"{p['original'] / 1e3:.1f}", f"{p['exported'] / 1e3:.1f}", _ratio(p["original"], p["exported"], "fewer", "more")],
+        [f"latency (ms, {setup['device']}, batch {setup['batch_size']})", f"{ms['original']:.3f}", f"{ms['exported']:.3f}",
+         _ratio(ms["original"], ms["exported"], "faster", "slower")],
+    ]
     text = [f"exported {format_config(summary['config'])} ({source}{fused}) -> {out}",
             _text_table(["", "original", "exported", ""], lines, left={0, 3})]
     files = ", ".join(f for f in summary["files"] if f != "summary.json")
@@ -1339,7 +1355,7 @@ def _context(args: argparse.Namespace, cfg: Config) -> Context:
     return Context(
         cfg, device, rank, world,
         resume=getattr(args, "resume", False), restart=getattr(args, "restart", False), force=getattr(args, "force", False),
-        progress=not args.quiet,
+        progress=not args.quiet and sys.stderr.isatty(),  # redirected, bars would only fill the file with \r
     )
 
 

@@ -174,9 +174,11 @@ def _dataset_from_numpy(
         raise DataError(f"{source}: {len(x)} images but {len(y)} labels; the file is inconsistent")
     if len(y) == 0:
         raise DataError(f"{source}: holds no images; re-create or re-copy it")
+    if y.min() < 0:
+        raise DataError(f"{source}: labels span {y.min()}..{y.max()}; class labels are 0, 1, 2, ...")
     if classes is None:
-        classes = tuple(str(k) for k in range(max(int(y.max()) + 1, 1)))
-    if y.min() < 0 or y.max() >= len(classes):
+        classes = tuple(str(k) for k in range(int(y.max()) + 1))
+    if y.max() >= len(classes):
         raise DataError(
             f"{source}: labels span {y.min()}..{y.max()}, expected 0..{len(classes) - 1}; "
             f"check the file or the class list"
@@ -201,9 +203,11 @@ def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
     # Opened here, not by np.load, which leaks its handle when the zip is corrupt.
     with open(path, "rb") as f:
         try:
+            if not zipfile.is_zipfile(f):
+                # np.load would read it as one .npy array or, failing that, talk of allow_pickle.
+                raise ValueError("it is not a zip archive of arrays, as np.savez writes")
+            f.seek(0)
             archive = np.load(f, allow_pickle=False)
-            if not isinstance(archive, np.lib.npyio.NpzFile):
-                raise ValueError("it holds a single array")
             missing = sorted({"x", "y"} - set(archive.files))
             if missing:
                 raise DataError(
