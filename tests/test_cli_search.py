@@ -186,22 +186,22 @@ def test_bad_input_is_one_line(run, capsys, tmp_path):
 
 
 def test_missing_onnx_extras_are_skipped_with_a_message(run, capsys, monkeypatch):
-    import gross.cli
+    import gross.pipeline
 
     args, folder = run
-    installed = gross.cli._installed
-    monkeypatch.setattr(gross.cli, "_installed", lambda m: m != "onnxscript" and installed(m))
+    installed = gross.pipeline._installed
+    monkeypatch.setattr(gross.pipeline, "_installed", lambda m: m != "onnxscript" and installed(m))
     assert main(["export", *args, "--config", "1,2,4"]) == 0
     out, _ = capsys.readouterr()
     assert "net.onnx skipped: onnxscript not installed (pip install 'gross[export]')" in out
     assert not (folder / "export" / "net.onnx").exists() and (folder / "export" / "net.json").is_file()
     if ONNX:
-        monkeypatch.setattr(gross.cli, "_installed", lambda m: m != "onnxruntime" and installed(m))
+        monkeypatch.setattr(gross.pipeline, "_installed", lambda m: m != "onnxruntime" and installed(m))
         assert main(["export", *args, "--config", "1,2,4", "--force"]) == 0
         out, _ = capsys.readouterr()
         assert (folder / "export" / "net.onnx").is_file() and "net.onnx not checked: onnxruntime not installed" in out
     # gross run finishes without ONNX, the report included, saying in one line which extra adds it.
-    monkeypatch.setattr(gross.cli, "_installed", lambda m: m not in ("onnx", "onnxscript") and installed(m))
+    monkeypatch.setattr(gross.pipeline, "_installed", lambda m: m not in ("onnx", "onnxscript") and installed(m))
     shutil.rmtree(folder / "export")
     assert main(["run", *args]) == 0
     out, _ = capsys.readouterr()
