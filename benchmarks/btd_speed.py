@@ -8,9 +8,15 @@ decreases by less than 1e-6 in a sweep, or until a per-case time cap (reported a
 tensorly runs on its PyTorch backend, on the float32 weight, so both methods use the same BLAS
 with the same ``torch.set_num_threads``.
 
-gross: ``gross.btd(W, g)`` with its defaults (tol 1e-6 per ALS step); it computes in float64.
-Besides its own time to converge, the table gives the time it needs to first reach the
-baseline's final error (the same deterministic run, stopped at that step).
+gross: ``gross.btd(W, g)`` with its defaults (tol 1e-6 per ALS step, block-norm penalty 0.1); it
+computes in float64. Besides its own time to converge, the table gives the time it needs to first
+reach the baseline's final error (the same deterministic run, stopped at that step), and, for
+both methods, the conditioning ``kappa = sum_r ||W_r||^2 / ||sum_r W_r||^2`` of the fit (1 for
+orthogonal blocks; large when large blocks cancel, which makes a fit diverge in training).
+``--penalty 0`` gives the plain least-squares fits of the library before the penalty.
+
+With ``--weights``, the whole paper-network series (every power-of-two group size of conv2, conv3
+and conv4, independent fits, ``gross.decompose``) is also timed, with ``--threads`` threads.
 
 Layers: the paper network's decomposed convs (conv2 32->32, conv3 32->64, conv4 64->64, 3x3)
 from ``--weights`` (a safetensors state dict), else random He-initialised weights (said in the
@@ -35,7 +41,9 @@ from pathlib import Path
 
 import torch
 
-from gross.btd import btd
+from gross import decompose, gross_layers
+from gross.btd import BTD, PENALTY, btd, conditioning
+from gross.models import PaperNet
 
 PAPER_LAYERS = {"conv2": (32, 32), "conv3": (64, 32), "conv4": (64, 64)}  # name: (C_out, C_in)
 BASELINE_TOL = 1e-6
@@ -106,11 +114,11 @@ def baseline_btd(w: torch.Tensor, g: int, cap_s: float) -> dict:
     return {"time_s": elapsed, "error": errors[-1], "kappa": kappa, "sweeps": sweeps, "capped": capped}
 
 
-def gross_btd(w: torch.Tensor, g: int, target: float) -> dict:
+def gross_btd(w: torch.Tensor, g: int, target: float, penalty: float) -> dict:
     start = time.perf_counter()
-    fit = btd(w, g)
+    fit = btd(w, g, penalty=penalty)
     elapsed = time.perf_counter() - start
-    out = {"time_s": elapsed, "error": fit.errors[-1], "steps": len(fit.errors) - 1}
+    out = {"time_s": elapsed, "error": fit.errors[-1], "kappa": conditioning(fit), "steps": len(fit.errors) - 1}
     # Steps are deterministic, so the run stopped at the first step at or below the target
     # retraces this one.
     hit = next((j for j, e in enumerate(fit.errors) if e <= target), None)
@@ -118,7 +126,7 @@ def gross_btd(w: torch.Tensor, g: int, target: float) -> dict:
         out["time_to_baseline_error_s"] = None
     else:
         start = time.perf_counter()
-        btd(w, g, max_iter=hit)
+        btd(w, g, max_iter=hit, penalty=penalty)
         out["time_to_baseline_error_s"] = time.perf_counter() - start
     return out
 
@@ -133,21 +141,37 @@ def fmt_ratio(a: float, b: float | None) -> str:
 
 def markdown(rows: list[dict]) -> str:
     head = (
-        "| layer | C_out x C_in | g | baseline time (s) | baseline sweeps | baseline error "
-        "| gross time (s) | gross steps | gross error | speed-up "
+        "| layer | C_out x C_in | g | baseline time (s) | baseline sweeps | baseline error | baseline kappa "
+        "| gross time (s) | gross steps | gross error | gross kappa | error vs baseline | speed-up "
         "| gross time to baseline error (s) | speed-up at baseline error |"
     )
-    lines = [head, "|" + " --- |" * 12]
+    lines = [head, "|" + " --- |" * 15]
     for r in rows:
         b, m = r["baseline"], r["gross"]
         sweeps = f"{b['sweeps']:.1f}" + (" (capped)" if b["capped"] else "")
         lines.append(
             f"| {r['layer']} | {r['c_out']} x {r['c_in']} | {r['g']} | {fmt_time(b['time_s'])} | {sweeps} "
-            f"| {b['error']:.5f} | {fmt_time(m['time_s'])} | {m['steps']} | {m['error']:.5f} "
+            f"| {b['error']:.5f} | {b['kappa']:.2f} | {fmt_time(m['time_s'])} | {m['steps']} | {m['error']:.5f} "
+            f"| {m['kappa']:.2f} | {100 * (m['error'] / max(b['error'], 1e-12) - 1):+.2f}% "
             f"| {fmt_ratio(b['time_s'], m['time_s'])} | {fmt_time(m['time_to_baseline_error_s'])} "
             f"| {fmt_ratio(b['time_s'], m['time_to_baseline_error_s'])} |"
         )
     return "\n".join(lines)
+
+
+def series_time(weights: str, penalty: float) -> dict:
+    """Seconds to decompose the paper network's whole series (gross.decompose, independent fits)."""
+    from safetensors.torch import load_file
+
+    state = load_file(weights)
+    prefix = "model." if any(k.startswith("model.") for k in state) else ""
+    net = PaperNet()
+    net.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+    start = time.perf_counter()
+    decompose(net, skip=["conv1"], nested=False, penalty=penalty)
+    seconds = time.perf_counter() - start
+    kappas = [conditioning(BTD(*layer.factors(s), [])) for _, layer in gross_layers(net) for s in layer.group_sizes]
+    return {"seconds": seconds, "fits": len(kappas), "kappa_max": max(kappas), "threads": torch.get_num_threads()}
 
 
 def main() -> None:
@@ -157,6 +181,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads for both methods")
     parser.add_argument("--cap", type=float, help="baseline time cap per case in seconds (default 25; quick 5)")
     parser.add_argument("--cap-large", type=float, default=60.0, help="baseline time cap for the 256-channel layer")
+    parser.add_argument("--penalty", type=float, default=PENALTY, help="gross.btd penalty (0: plain least squares)")
+    parser.add_argument("--all-sizes", action="store_true",
+                        help="every power-of-two group size of the paper layers (default 1, 4, 16 and full)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = parser.parse_args()
     cap = args.cap if args.cap is not None else (5.0 if args.quick else 25.0)
@@ -170,7 +197,7 @@ def main() -> None:
         "threads": args.threads,
         "baseline": f"tensorly {tensorly.__version__} partial_tucker HOOI per block, cold start, pytorch backend, float32; "
         f"stop at error decrease < {BASELINE_TOL} per sweep or after {cap:g} s ({args.cap_large:g} s for conv256)",
-        "gross": "gross.btd defaults (tol 1e-6, float64 internally)",
+        "gross": f"gross.btd defaults (tol 1e-6, float64 internally), penalty {args.penalty:g}",
         "torch": torch.__version__,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible",
         "load_average_at_start": os.getloadavg(),
@@ -181,20 +208,25 @@ def main() -> None:
     rows = []
     for name, w in layers:
         c_out, c_in = w.shape[:2]
-        for g in sorted({1, 4, 16, c_in}):
+        sizes = [2**j for j in range(c_in.bit_length())] if args.all_sizes and name != "conv256" else [1, 4, 16, c_in]
+        for g in sorted(set(sizes)):
             base = baseline_btd(w, g, args.cap_large if name == "conv256" else cap)
-            mine = gross_btd(w, g, base["error"])
+            mine = gross_btd(w, g, base["error"], args.penalty)
             rows.append({"layer": name, "c_out": c_out, "c_in": c_in, "g": g, "baseline": base, "gross": mine})
             print(
                 f"{name:8s} {c_out:3d}x{c_in:<3d} g={g:<3d} baseline {base['time_s']:7.2f}s "
-                f"{base['sweeps']:7.1f} sweeps{' (capped)' if base['capped'] else '         '} err {base['error']:.5f} | "
-                f"gross {mine['time_s']:7.2f}s {mine['steps']:5d} steps err {mine['error']:.5f} | "
+                f"{base['sweeps']:7.1f} sweeps{' (capped)' if base['capped'] else '         '} err {base['error']:.5f} "
+                f"kappa {base['kappa']:6.2f} | gross {mine['time_s']:7.2f}s {mine['steps']:5d} steps "
+                f"err {mine['error']:.5f} kappa {mine['kappa']:6.2f} | "
                 f"to baseline err {fmt_time(mine['time_to_baseline_error_s'])}s",
                 flush=True,
             )
 
     table = markdown(rows)
     print("\n" + table)
+    if args.weights:
+        settings["series"] = series_time(args.weights, args.penalty)
+        print(f"whole series: {settings['series']}", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "btd_speed_quick" if args.quick else "btd_speed"

@@ -1,10 +1,13 @@
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
-from gross.btd import BTD, btd, btd_to_weight
+from gross.btd import BTD, PENALTY, align, btd, btd_to_weight, conditioning
 
 btd_module = sys.modules["gross.btd"]  # `gross.btd` the attribute is the function
 
@@ -35,6 +38,34 @@ def reference_weight(result):
         dense[r * g : (r + 1) * g, r * g : (r + 1) * g] = result.core[r * g : (r + 1) * g]
     p, q = result.first[:, :, 0, 0], result.last[:, :, 0, 0]
     return torch.einsum("od,dehw,ei->oihw", q, dense, p)
+
+
+def block_weights(result):
+    """Dense weight of each block on its own, ``(G, C_out, C_in, kh, kw)``."""
+    d = result.first.shape[0]
+    g = result.core.shape[1]
+    p, q = result.first[:, :, 0, 0].double(), result.last[:, :, 0, 0].double()
+    return torch.stack([
+        torch.einsum("od,dehw,ei->oihw", q[:, r * g : (r + 1) * g], result.core[r * g : (r + 1) * g].double(), p[r * g : (r + 1) * g])
+        for r in range(d // g)
+    ])
+
+
+def reference_kappa(result):
+    blocks = block_weights(result)
+    return float((blocks.flatten(1).norm(dim=1) ** 2).sum() / blocks.sum(0).norm() ** 2)
+
+
+def objective(result, w, mu):
+    """``e (1 + mu k)``, computed block by block."""
+    blocks = block_weights(result)
+    norm_sq = float(w.double().norm()) ** 2
+    e = float((w.double() - blocks.sum(0)).norm()) ** 2 / norm_sq
+    k = float((blocks.flatten(1).norm(dim=1) ** 2).sum()) / norm_sq
+    return e * (1 + mu * k)
+
+
+TRAINED = load_file(Path(__file__).parent / "data" / "paper_cifar10_convs.safetensors")
 
 
 # --- btd_to_weight -------------------------------------------------------------------------------
@@ -130,13 +161,76 @@ def test_one_group_more_outputs_is_best_tucker():
 
 
 def test_errors_monotone_and_converged():
+    # Plain least squares (penalty 0): the error itself decreases.
     w = he_weight(16, 16, seed=4)
-    fit = btd(w, 4, tol=1e-5, max_iter=1000)
+    fit = btd(w, 4, tol=1e-5, max_iter=1000, penalty=0)
     e = fit.errors
     assert all(b <= a + 1e-12 for a, b in zip(e, e[1:]))
     assert len(e) < 1001 and e[-2] - e[-1] < 1e-5
     assert rel_error(btd_to_weight(fit), w) == pytest.approx(e[-1], abs=1e-12)
     assert 0.0 < e[-1] < e[0] < 1.0
+
+
+@pytest.mark.parametrize("init", ["random", None])
+def test_penalised_objective_decreases(init):
+    # F = e (1 + mu k) after n steps never rises with n (each run retraces the shorter ones).
+    w = TRAINED["conv2"].double()
+    values = [objective(btd(w, 4, init=init, max_iter=n, tol=0), w, PENALTY) for n in (0, 1, 2, 5, 20, 60)]
+    assert all(b <= a * (1 + 1e-12) for a, b in zip(values, values[1:]))
+    assert values[-1] < values[0]
+
+
+def test_conditioning_matches_reference():
+    fac = random_btd(12, 8, 8, 2, seed=15)
+    assert conditioning(fac) == pytest.approx(reference_kappa(fac), rel=1e-10)
+    # Blocks on disjoint channels are orthogonal: kappa 1.
+    first = torch.zeros(4, 4, 1, 1, dtype=torch.float64)
+    first[:, :, 0, 0] = torch.eye(4)
+    disjoint = BTD(first, torch.randn(4, 2, 3, 3, dtype=torch.float64), first.clone(), [])
+    assert conditioning(disjoint) == pytest.approx(1.0, rel=1e-12)
+    # Two blocks on the same channels, the second -0.99 times the first: 1.98 / 0.01^2.
+    both = torch.cat([torch.eye(2), torch.eye(2)]).double()  # (4, 2)
+    core = torch.randn(2, 2, 3, 3, dtype=torch.float64)
+    cancelling = BTD(both[:, :, None, None], torch.cat([core, -0.99 * core]), both.T[:, :, None, None].contiguous(), [])
+    assert conditioning(cancelling) == pytest.approx(reference_kappa(cancelling), rel=1e-10)
+    assert conditioning(cancelling) == pytest.approx((1 + 0.99**2) / 0.01**2, rel=1e-8)
+
+
+@pytest.mark.parametrize("name, g", [("conv2", 4), ("conv3", 1), ("conv3", 8)])
+def test_penalty_keeps_trained_fits_well_conditioned(name, g):
+    # On trained CIFAR-10 weights plain least squares drifts into large cancelling blocks; the
+    # penalised fit stays near orthogonal at (almost) the same error.
+    w = TRAINED[name]
+    start = time.perf_counter()
+    fit = btd(w, g)
+    seconds = time.perf_counter() - start
+    plain = btd(w, g, penalty=0, tol=0, max_iter=300)
+    assert conditioning(fit) < 2.0
+    assert conditioning(plain) > 3 * conditioning(fit)
+    assert fit.errors[-1] < 1.05 * plain.errors[-1]
+    assert seconds < 20  # about 1 s on one idle core
+
+
+def test_align_undoes_a_rotation_inside_blocks():
+    fit = random_btd(12, 8, 8, 4, seed=16)
+    gen = torch.Generator().manual_seed(0)
+    u = torch.linalg.qr(torch.randn(2, 4, 4, generator=gen, dtype=torch.float64))[0]  # one rotation per block
+    v = torch.linalg.qr(torch.randn(2, 4, 4, generator=gen, dtype=torch.float64))[0]
+    p = (u @ fit.first.reshape(2, 4, 8)).reshape(8, 8, 1, 1)
+    q = (fit.last.reshape(12, 2, 4).transpose(0, 1) @ v.transpose(1, 2)).transpose(0, 1).reshape(12, 8, 1, 1)
+    x = fit.core.reshape(2, 4, 4, 9).permute(0, 3, 1, 2)
+    x = (v[:, None] @ x @ u.transpose(1, 2)[:, None]).permute(0, 2, 3, 1).reshape(8, 4, 3, 3)
+    rotated = BTD(p, x, q, [0.5])
+    torch.testing.assert_close(btd_to_weight(rotated), btd_to_weight(fit))
+    back = align(rotated, fit)
+    for a, b in zip(back[:3], fit[:3]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert back.errors == [0.5]
+    # Against a smaller group size: the weight is kept whatever the reference.
+    other = align(fit, random_btd(12, 8, 8, 2, seed=17))
+    torch.testing.assert_close(btd_to_weight(other), btd_to_weight(fit))
+    with pytest.raises(ValueError, match="align"):
+        align(random_btd(12, 8, 8, 2), fit)  # 4 does not divide 2
 
 
 def test_max_iter_zero_returns_start():
@@ -167,15 +261,18 @@ def test_random_init_depends_on_seed():
     assert not torch.equal(a.first, b.first)
 
 
+@pytest.mark.parametrize("penalty", [0.0, PENALTY])
 @pytest.mark.parametrize("g_small, g", [(1, 2), (2, 8), (4, 4), (2, 16)])
-def test_warm_start_never_worse(g_small, g):
+def test_warm_start_never_worse(g_small, g, penalty):
     w = he_weight(16, 16, seed=9)
-    small = btd(w, g_small, max_iter=40)
-    fit = btd(w, g, init=small, max_iter=40)
+    small = btd(w, g_small, max_iter=40, penalty=penalty)
+    fit = btd(w, g, init=small, max_iter=40, penalty=penalty)
     assert fit.core.shape[1] == g
     assert fit.errors[0] == pytest.approx(small.errors[-1], abs=1e-12)
-    assert fit.errors[-1] <= small.errors[-1] + 1e-12
-    assert all(b <= a + 1e-12 for a, b in zip(fit.errors, fit.errors[1:]))
+    mu = penalty if g < 16 else 0.0  # one group: nothing to penalise
+    assert objective(fit, w, mu) <= objective(btd(w, g, init=small, max_iter=0), w, mu) * (1 + 1e-10)
+    if penalty == 0:
+        assert all(b <= a + 1e-12 for a, b in zip(fit.errors, fit.errors[1:]))
     # Zero steps: the warm start itself, expanded.
     same = btd(w, g, init=small, max_iter=0)
     torch.testing.assert_close(btd_to_weight(same), btd_to_weight(small), rtol=1e-10, atol=1e-12)
@@ -245,6 +342,9 @@ def test_cuda():
         ({"group_size": 2, "width": 0}, "width"),
         ({"group_size": 2, "init": "tucker"}, "init"),
         ({"group_size": 2, "tol": -1.0}, "tol"),
+        ({"group_size": 2, "penalty": -0.1}, "penalty"),
+        ({"group_size": 2, "penalty": float("nan")}, "penalty"),
+        ({"group_size": 2, "penalty": "0.1"}, "penalty"),
     ],
 )
 def test_bad_arguments(kwargs, match):

@@ -5,6 +5,7 @@ from torch import nn
 
 import gross
 from gross import BTD, GroSSConv2d, btd, btd_to_weight, expand
+from gross.btd import PENALTY, align
 
 D64 = torch.float64
 
@@ -72,20 +73,35 @@ def test_full_size_is_exact_for_narrow_output():
     torch.testing.assert_close(layer(x), conv(x), rtol=1e-8, atol=1e-8)
 
 
-def test_nested_series_reproduces_each_chained_fit():
+@pytest.mark.parametrize("penalty", [0.0, PENALTY])
+def test_nested_series_reproduces_each_chained_fit(penalty):
     conv = make_conv(CONVS["wide_out"], seed=1)
-    layer = GroSSConv2d.from_conv(conv, nested=True, max_iter=100)
+    layer = GroSSConv2d.from_conv(conv, nested=True, max_iter=100, penalty=penalty)
     prev = None
     errors = []
     for s in layer.group_sizes:
-        prev = btd(conv.weight.detach(), s, init=prev, max_iter=100)
-        p, r, q = layer.factors(s)
-        torch.testing.assert_close(p, prev.first, rtol=1e-10, atol=1e-10)
-        torch.testing.assert_close(r, prev.core, rtol=1e-10, atol=1e-10)
-        torch.testing.assert_close(q, prev.last, rtol=1e-10, atol=1e-10)
+        prev = btd(conv.weight.detach(), s, init=prev, max_iter=100, penalty=penalty)
+        torch.testing.assert_close(layer.dense_weight(s), btd_to_weight(prev), rtol=1e-10, atol=1e-10)
         errors.append(prev.errors[-1])
-    # Warm starts make the error non-increasing along the series.
-    assert all(b <= a + 1e-12 for a, b in zip(errors, errors[1:]))
+    if penalty == 0:  # least-squares warm starts make the error non-increasing along the series
+        assert all(b <= a + 1e-12 for a, b in zip(errors, errors[1:]))
+
+
+def test_series_terms_are_aligned_fits():
+    # Each fit is rotated inside its blocks towards the previous one: same weight, same factor
+    # norms per block, and a smaller difference term than the unrotated fit's.
+    conv = make_conv(CONVS["plain"])
+    fits = [btd(conv.weight.detach(), s, max_iter=50) for s in (1, 2, 4, 8)]
+    layer = GroSSConv2d(8, 8, 3, padding=1, group_sizes=(1, 2, 4, 8), dtype=D64)
+    layer.load_decompositions(fits)
+    for i, (s, fit) in enumerate(zip(layer.group_sizes, fits)):
+        torch.testing.assert_close(layer.dense_weight(s), btd_to_weight(fit), rtol=1e-10, atol=1e-12)
+        first, core, last = layer.factors(s)
+        n = 8 // s
+        torch.testing.assert_close(first.reshape(n, -1).norm(dim=1), fit.first.reshape(n, -1).norm(dim=1))
+        torch.testing.assert_close(core.reshape(n, -1).norm(dim=1), fit.core.reshape(n, -1).norm(dim=1))
+        if i:
+            assert float(layer.first[i].detach().norm()) <= float((fit.first - fits[i - 1].first).norm()) + 1e-12
 
 
 def test_series_stores_differences():
@@ -93,8 +109,11 @@ def test_series_stores_differences():
     fits = [btd(conv.weight.detach(), s, max_iter=50) for s in (1, 2, 4, 8)]
     layer = GroSSConv2d(8, 8, 3, padding=1, group_sizes=(1, 2, 4, 8), dtype=D64)
     layer.load_decompositions(fits)
-    torch.testing.assert_close(layer.core[2], fits[2].core - expand(fits[1].core, 2, 4), rtol=0, atol=0)
-    torch.testing.assert_close(layer.first[3], fits[3].first - fits[2].first, rtol=0, atol=0)
+    aligned = [fits[0]]
+    for fit in fits[1:]:
+        aligned.append(align(fit, aligned[-1]))
+    torch.testing.assert_close(layer.core[2], aligned[2].core - expand(aligned[1].core, 2, 4), rtol=0, atol=0)
+    torch.testing.assert_close(layer.first[3], aligned[3].first - aligned[2].first, rtol=0, atol=0)
     torch.testing.assert_close(layer.last[0], fits[0].last, rtol=0, atol=0)
 
 

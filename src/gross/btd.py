@@ -78,7 +78,7 @@ from torch import Tensor
 
 from gross.expand import expand
 
-__all__ = ["BTD", "btd", "btd_to_weight", "conditioning"]
+__all__ = ["BTD", "align", "btd", "btd_to_weight", "conditioning"]
 
 # Weight mu of the block-norm penalty (module notes).
 PENALTY = 0.1
@@ -264,6 +264,61 @@ def conditioning(result: BTD) -> float:
     x = _core_to_blocks(result.core.detach().double())
     total = float(btd_to_weight(BTD(p[..., None, None], result.core.detach().double(), q[..., None, None], [])).norm()) ** 2
     return _block_sq_norms(p, q, x, g) / total if total > 0 else float("nan")
+
+
+def align(result: BTD, reference: BTD) -> BTD:
+    """The same decomposition with each block's factors rotated to be closest to ``reference``'s.
+
+    A block's factors are defined up to a change of basis inside the block: ``(Q_r V^T, V X_r U^T,
+    U P_r)`` gives the same weight for any orthogonal ``U``, ``V``. Fits at two group sizes can
+    therefore differ by such rotations alone, and a series that stores their differences
+    (:class:`gross.GroSSConv2d`) would store them as large terms. Each block gets the ``U`` and
+    ``V`` (orthogonal Procrustes) that bring its ``first`` rows and ``last`` columns nearest to
+    those of ``reference`` expanded to this group size. The weight is unchanged, and so are the
+    norms of each block's factors.
+
+    Parameters
+    ----------
+    result : BTD
+        ``first (D, C_in, 1, 1)``, ``core (D, g, kh, kw)``, ``last (C_out, D, 1, 1)``.
+    reference : BTD
+        The same ``D``, ``C_in``, ``C_out`` and kernel, at a group size ``g0`` dividing ``g``.
+
+    Returns
+    -------
+    BTD
+        ``result`` rotated, with its error history.
+    """
+    d, c_in = result.first.shape[:2]
+    c_out = result.last.shape[0]
+    _, g, kh, kw = result.core.shape
+    g0 = reference.core.shape[1]
+    if reference.first.shape != result.first.shape or reference.last.shape != result.last.shape or g % g0:
+        raise ValueError(
+            f"cannot align a fit of group size {g} with first {tuple(result.first.shape)} to one of group size {g0} "
+            f"with first {tuple(reference.first.shape)}: need equal shapes and {g0} dividing {g}"
+        )
+    n_groups = d // g
+    p = result.first.reshape(n_groups, g, c_in)
+    q = result.last.reshape(c_out, n_groups, g).transpose(0, 1)  # (G, O, g)
+    p_ref = reference.first.to(p).reshape(n_groups, g, c_in)
+    q_ref = reference.last.to(q).reshape(c_out, n_groups, g).transpose(0, 1)
+    u = _nearest_orthogonal(p_ref @ p.transpose(1, 2))  # argmin ||U P_r - P_ref_r||
+    v_t = _nearest_orthogonal(q.transpose(1, 2) @ q_ref)  # argmin ||Q_r V^T - Q_ref_r||
+    x = result.core.reshape(n_groups, g, g, kh * kw).permute(0, 3, 1, 2)  # (G, K, out, in)
+    x = v_t.transpose(1, 2)[:, None] @ x @ u.transpose(1, 2)[:, None]
+    return BTD(
+        first=(u @ p).reshape(d, c_in, 1, 1),
+        core=x.permute(0, 2, 3, 1).reshape(d, g, kh, kw),
+        last=(q @ v_t).transpose(0, 1).reshape(c_out, d, 1, 1),
+        errors=list(result.errors),
+    )
+
+
+def _nearest_orthogonal(m: Tensor) -> Tensor:
+    """The orthogonal factor of the polar decomposition of each ``m`` (batched, float64 inside)."""
+    u, _, vh = torch.linalg.svd(m.double())
+    return (u @ vh).to(m.dtype)
 
 
 def _block_sq_norms(p: Tensor, q: Tensor, x: Tensor, g: int) -> float:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
-from .btd import BTD, btd
+from .btd import BTD, align, btd
 from .expand import expand
 
 __all__ = ["GroSSConv2d", "default_group_sizes"]
@@ -176,7 +176,12 @@ class GroSSConv2d(nn.Module):
         return layer
 
     def load_decompositions(self, fits: Sequence[BTD]) -> None:
-        """Set the difference terms from one decomposition per group size (smallest first)."""
+        """Set the difference terms from one decomposition per group size (smallest first).
+
+        Each fit is first rotated block by block towards the previous one (:func:`gross.btd.align`):
+        its weight is unchanged, but the difference terms no longer hold the arbitrary change of
+        basis inside each block that two separate fits differ by.
+        """
         if len(fits) != len(self.group_sizes):
             raise ValueError(f"need {len(self.group_sizes)} decompositions, got {len(fits)}")
         prev: BTD | None = None
@@ -191,6 +196,7 @@ class GroSSConv2d(nn.Module):
                 if prev is None:
                     p, r, q = fit.first, fit.core, fit.last
                 else:
+                    fit = align(fit, prev)
                     p = fit.first - prev.first
                     r = fit.core - expand(prev.core, prev_size, s)
                     q = fit.last - prev.last
