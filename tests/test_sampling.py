@@ -29,3 +29,26 @@ def test_bad_input():
         group_size_probs(0, 1.0)
     with pytest.raises(ValueError, match="finite"):
         group_size_probs(3, float("nan"))
+
+
+@pytest.mark.parametrize("n,alpha", [(1, 4.0), (6, 0.0), (7, 4.0), (6, 8.0)])
+def test_normalised_form_follows_the_formula(n, alpha):
+    p = group_size_probs(n, alpha, form="normalised")
+    z = sum(math.exp(-alpha * j / n) for j in range(1, n + 1))
+    expected = torch.tensor([math.exp(-alpha * i / n) / z for i in range(1, n + 1)], dtype=torch.float64)
+    torch.testing.assert_close(p, expected)
+
+
+def test_literal_alpha_4_gives_smallest_size_almost_every_draw():
+    assert float(group_size_probs(6, 4.0)[0]) > 0.98
+    assert 0.4 < float(group_size_probs(6, 4.0, form="normalised")[0]) < 0.6
+
+
+def test_sampling_setting_is_validated():
+    from gross.config import ConfigError, resolve_config
+
+    assert resolve_config([], ["finetune.sampling=normalised"]).finetune.sampling == "normalised"
+    with pytest.raises(ConfigError, match="finetune.sampling"):
+        resolve_config([], ["finetune.sampling=linear"])
+    with pytest.raises(ValueError, match="form"):
+        group_size_probs(3, 1.0, form="linear")

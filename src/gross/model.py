@@ -210,14 +210,16 @@ def search_space(model: nn.Module) -> tuple[tuple[int, ...], ...]:
 
 
 def sample_config(
-    model: nn.Module, alpha: float = 0.0, generator: torch.Generator | None = None
+    model: nn.Module, alpha: float = 0.0, generator: torch.Generator | None = None, form: str = "literal"
 ) -> tuple[int, ...]:
     """Draw a configuration: each layer independently from the temperature distribution.
+
+    ``form`` is that of :func:`gross.group_size_probs`.
 
     Returns the configuration without setting it (``set_config`` does that). Every process
     of a data-parallel job must pass a generator seeded alike to draw the same configuration.
     """
-    return tuple(sizes[sample_index(len(sizes), alpha, generator)] for sizes in search_space(model))
+    return tuple(sizes[sample_index(len(sizes), alpha, generator, form)] for sizes in search_space(model))
 
 
 def layer_specs(model: nn.Module) -> list[dict]:

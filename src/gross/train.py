@@ -517,6 +517,7 @@ def _fit(
     stage: str,
     step: StepFn,
     alpha: float | None,
+    sampling: str = "literal",
     mode: Callable[[], None],
     eval_configs: Mapping[str, Config | None],
     device: torch.device,
@@ -586,7 +587,7 @@ def _fit(
         bar = tqdm(batches, total=total, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not (progress and lead), dynamic_ncols=True)
         for i, (x, y, global_n) in enumerate(bar):
             if alpha is not None:
-                set_config(model, sample_config(model, alpha, sample_gen))
+                set_config(model, sample_config(model, alpha, sample_gen, sampling))
             optimizer.zero_grad(set_to_none=True)
             loss, batch_loss_sum, batch_correct = step(x, y, global_n)
             loss.backward()
@@ -868,7 +869,7 @@ def reconstruct(
     try:
         with _trainable(model, params), _trainable(original, []):
             return _fit(
-                model, params, data, cfg, stage="reconstruct", step=step, alpha=cfg.alpha, mode=mode,
+                model, params, data, cfg, stage="reconstruct", step=step, alpha=cfg.alpha, sampling=cfg.sampling, mode=mode,
                 eval_configs=_gross_eval_configs(model), device=dev, **opts,
             )
     finally:
@@ -907,7 +908,7 @@ def finetune(model: nn.Module, data: Splits, cfg: FinetuneConfig | None = None, 
     try:
         with _trainable(model, params):
             return _fit(
-                model, params, data, cfg, stage="finetune", step=step, alpha=cfg.alpha, mode=mode,
+                model, params, data, cfg, stage="finetune", step=step, alpha=cfg.alpha, sampling=cfg.sampling, mode=mode,
                 eval_configs=_gross_eval_configs(model), device=dev, **opts,
             )
     finally:
