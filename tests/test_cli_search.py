@@ -14,7 +14,7 @@ import torch
 from gross import checkpoint as ckpt
 from gross.cli import main
 from gross.export import load as load_export
-from gross.model import format_config, set_config
+from gross.model import set_config
 
 from test_cli import error_line, tiny_args
 
@@ -93,7 +93,7 @@ def test_search_export_report_write_their_files(run, capsys):
     report = (folder / "report.md").read_text()
     assert (folder / "pareto.png").is_file() and (folder / "front_group_sizes.png").is_file()
     assert "uniform:4 (<=" in report and "uniform:16 (<=" in report and "uniform 8" in report
-    assert "## Measured latency" in report and "exported " + format_config(summary["config"]) in report
+    assert "## Measured networks" in report and f"| chosen by MACs | {' '.join(map(str, summary['config']))} |" in report
 
 
 def test_search_resumes_from_its_files(run, capsys):
@@ -137,17 +137,32 @@ def test_search_resumes_from_its_files(run, capsys):
 
 def test_latency_table_and_search_under_it(run, capsys):
     args, folder = run
-    assert main(["latency", *args, "--batch-size", "2", "--repeats", "2"]) == 0
-    out, _ = capsys.readouterr()
+    code = main(["latency", *args, "--batch-size", "2", "--repeats", "2"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
     table = json.loads((folder / "latency" / "table.json").read_text())
     assert table["meta"]["batch_size"] == 2 and [layer["name"] for layer in table["layers"]] == ["conv2", "conv3", "conv4"]
     assert "dense" in out.splitlines()[1] and "rest" in out
-    assert main(["latency", *args]) == 1
-    assert "table.json exists; pass --force" in error_line(capsys.readouterr().err)
+    # One step: the search by latency, with the dense conv as a per-layer choice, exported fused where faster.
+    best = json.loads((folder / "latency" / "search" / "best.json").read_text())
+    summary = json.loads((folder / "latency" / "export" / "summary.json").read_text())
+    assert best["cost"] == "latency_ms_fused" and summary["config"] == best["best"]["config"] and summary["fuse"] == "auto"
+    options = [layer["ms"] for layer in table["layers"]]
+    faster_dense = [layer["name"] for layer, o, size in zip(table["layers"], options, summary["config"]) if o["dense"] < o[str(size)]]
+    assert summary["fused"] == faster_dense and set(summary["fuse_times"]) == {"conv2", "conv3", "conv4"}
+    # Default budget: the original's predicted latency, which every configuration meets once fused.
+    assert best["limit"] == pytest.approx(table["rest_ms"] + sum(o["dense"] for o in options))
+    assert "at group size" in out and "dense conv" in out  # why each layer was fused or kept
+    assert "original" in out and "chosen by latency" in out and "measured ms" in out
+    # Again: the table is reused, the search takes its scores, the export is replaced.
+    code = main(["latency", *args, "--max-ms", str(best["limit"])])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "[latency] using" in err and "(0 scored now)" in err
     assert main(["search", *args, "--latency", "--budget", "none", "--strategy", "evolution", "--max-evaluations", "6", "--seed", "3"]) == 0
     out, _ = capsys.readouterr()
     best = json.loads((folder / "search" / "best.json").read_text())
-    assert best["cost"] == "latency_ms" and best["evaluations"] == 6 and best["options"]["seed"] == 3
+    assert best["cost"] == "latency_ms_fused" and best["evaluations"] == 6 and best["options"]["seed"] == 3
     assert "pred. ms" in out
     # fuse=all: every layer one dense conv, still the GroSS outputs.
     assert main(["export", *args, "--config", "conv3=2", "--fuse", "all", "--no-onnx"]) == 0

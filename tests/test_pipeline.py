@@ -27,3 +27,21 @@ def test_run_returns_what_it_made(tmp_path):
     assert pipeline.stage_search(ctx, skip_done=True) is False
     rows, labels, _ = pipeline.search_results(ctx)
     assert len(rows) >= len(labels) >= 3
+
+
+def test_a_slower_export_is_said_plainly_in_the_report(tmp_path):
+    cfg = tiny_config(tmp_path)
+    pipeline.run(cfg)
+    ctx = pipeline.context(cfg)
+    path = cfg.run_dir / "export" / "summary.json"
+    summary = json.loads(path.read_text())
+    assert summary["macs"]["exported"] < summary["macs"]["original"]
+    summary["latency_ms"] = {"original": 1.0, "exported": 2.0}
+    path.write_text(json.dumps(summary))
+    note = pipeline.slower_note(ctx, summary)
+    assert note.startswith(f"The exported network {'-'.join(map(str, summary['config']))} is 2.00x slower than the original on cpu at batch 1, although it has ")
+    assert "`gross latency --name lib` chooses by measured latency instead" in note
+    report = pipeline.stage_report(ctx).read_text()
+    assert note in report and "| chosen by MACs" in report and "2.00x slower (timed together) |" in report
+    summary["latency_ms"] = {"original": 2.0, "exported": 1.0}
+    assert pipeline.slower_note(ctx, summary) is None

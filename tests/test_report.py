@@ -42,7 +42,11 @@ def test_write_report_files_and_tables(tmp_path):
     path = write_report(
         data,
         tmp_path,
-        latency={"original": 2.0, "exported": 0.5},
+        networks=[
+            {"network": "original", "config": ("-",), "val_acc": 0.9, "macs": 5e6, "ms": 2.0, "versus": ""},
+            {"network": "exported", "config": (1, 2, 2), "val_acc": 0.8, "macs": 2e6, "ms": 0.5, "versus": "4.00x faster"},
+        ],
+        notes=["The exported network is faster."],
         layer_names=["conv2", "conv3", "conv4"],
         title="Test run",
     )
@@ -55,7 +59,7 @@ def test_write_report_files_and_tables(tmp_path):
     # Uniform configurations are found by default, and their costs are the budgets.
     assert "| uniform 4 | 4 4 4 |" in text and "| uniform 8 | 8 8 8 |" in text
     assert "| uniform 1 (<= 1.000) | 1 1 1 |" in text
-    assert "| exported | 0.5 | 4.00x |" in text
+    assert "| exported | 1 2 2 | 0.8 | 2.000 | 0.5 | 4.00x faster |" in text and "\nThe exported network is faster.\n" in text
     assert "test acc" in text and "latency (ms)" in text
 
 

@@ -471,6 +471,28 @@ def test_search_under_a_latency_table(tmp_path):
     assert all(r.cost == table.cost(r.config) for r in result.records)
 
 
+def test_latency_cost_with_the_dense_conv_as_a_per_layer_choice():
+    model = small_paper_net()
+    space = gross.search_space(model)
+    # Every bottleneck slower than the dense conv except group size 1 of the first layer.
+    options = tuple({**{s: 2.0 + s / 10 for s in sizes}, "dense": 1.0} for sizes in space)
+    options[0][1] = 0.5
+    table = LatencyTable(tuple(n for n, _ in gross.gross_layers(model)), options, 2.0, ((1, 8, 16, 16),) * 3)
+    fused = S.AdditiveCost.from_latency_table(table, fuse=True)
+    assert fused.name == S.FUSED_LATENCY
+    for config in itertools.product(*space):
+        assert fused(config) == pytest.approx(2.0 + sum(min(o[s], o["dense"]) for o, s in zip(options, config)))
+    # Under the original's latency every configuration fits once fused, the bottleneck of
+    # conv2 at size 1 being the one layer that beats its dense conv.
+    original = S.AdditiveCost.from_latency_table(table)(["dense"] * 3)
+    assert all(fused(c) <= original for c in itertools.product(*space))
+    assert S.resolve_budget(original - 0.4, space, fused) == original - 0.4  # only with conv2 at 1
+    with pytest.raises(ValueError, match="below the cheapest"):
+        S.resolve_budget(original - 0.6, space, fused)
+    with pytest.raises(ValueError, match="dense timings"):
+        S.AdditiveCost.from_latency_table(LatencyTable(table.layers, tuple({1: 1.0, 2: 1.0} for _ in space), 2.0, table.input_shapes), fuse=True)
+
+
 def test_test_accuracy_is_only_measured_on_request(tmp_path):
     model = small_paper_net()
     S.search(model, synthetic_batches(), strategy="beam", out_dir=tmp_path, progress=False)

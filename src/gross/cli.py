@@ -27,26 +27,29 @@ from .latency import DENSE, LatencyTable
 from .model import format_config, gross_layers, parse_config
 from .pipeline import (
     EXPORT_DIR,
+    LATENCY_DIR,
     MODEL,
     SEARCH_DIR,
-    STAGE_DIRS,
     STAGES,
+    STAGE_DIRS,
     USER_ERRORS,
     Context,
     Row,
     StageError,
+    base_arch,
     context,
     decomposed_layers,
-    run_stages,
-    base_arch,
-    parse_budget,
     latency_path,
+    measured_networks,
     one_line,
+    parse_budget,
     predicted_latency,
-    search_results,
-    write_config,
+    ratio,
+    run_stages,
     score_configurations,
+    search_results,
     select_configurations,
+    slower_note,
     stage_decompose,
     stage_export,
     stage_finetune,
@@ -56,6 +59,7 @@ from .pipeline import (
     stage_report,
     stage_search,
     stage_train,
+    write_config,
 )
 from .report import pareto_front
 
@@ -97,14 +101,8 @@ def format_latency(table: LatencyTable) -> str:
     return title + "\n" + _text_table(head, lines)
 
 
-def _ratio(original: float, exported: float, better: str, worse: str) -> str:
-    if not original or not exported:
-        return ""
-    return f"{original / exported:.2f}x {better}" if original >= exported else f"{exported / original:.2f}x {worse}"
-
-
-def format_export(ctx: Context, summary: dict) -> str:
-    out = ctx.run_dir / EXPORT_DIR
+def format_export(ctx: Context, summary: dict, folder: str = EXPORT_DIR) -> str:
+    out = ctx.run_dir / folder
     setup = summary["latency_setup"]
     m, p, a, ms = summary["macs"], summary["params"], summary["val_accuracy"], summary["latency_ms"]
     fused = f"; fused into one dense conv: {', '.join(summary['fused'])}" if summary["fused"] else ""
@@ -114,10 +112,10 @@ def format_export(ctx: Context, summary: dict) -> str:
         t = summary["test_accuracy"]
         lines.append(["test acc %", f"{100 * t['original']:.2f}", f"{100 * t['exported']:.2f}", "(reported only)"])
     lines += [
-        ["MACs (M)", f"{m['original'] / 1e6:.3f}", f"{m['exported'] / 1e6:.3f}", _ratio(m["original"], m["exported"], "fewer", "more")],
-        ["params (k)", f"{p['original'] / 1e3:.1f}", f"{p['exported'] / 1e3:.1f}", _ratio(p["original"], p["exported"], "fewer", "more")],
+        ["MACs (M)", f"{m['original'] / 1e6:.3f}", f"{m['exported'] / 1e6:.3f}", ratio(m["original"], m["exported"], "fewer", "more")],
+        ["params (k)", f"{p['original'] / 1e3:.1f}", f"{p['exported'] / 1e3:.1f}", ratio(p["original"], p["exported"], "fewer", "more")],
         [f"latency (ms, {setup['device']}, batch {setup['batch_size']})", f"{ms['original']:.3f}", f"{ms['exported']:.3f}",
-         _ratio(ms["original"], ms["exported"], "faster", "slower")],
+         ratio(ms["original"], ms["exported"], "faster", "slower")],
     ]
     text = [f"exported {format_config(summary['config'])} ({source}{fused}) -> {out}",
             _text_table(["", "original", "exported", ""], lines, left={0, 3})]
@@ -125,10 +123,23 @@ def format_export(ctx: Context, summary: dict) -> str:
     text.append(f"files: {out}/{{{files}}}")
     if summary["onnx"].get("note"):
         text.append(summary["onnx"]["note"])
-    if summary["fuse"] == "none" and ms["exported"] > ms["original"]:
-        text.append(f"tip: on {setup['device']} some bottlenecks are slower than the dense conv they replace; "
-                    f"`gross export --name {ctx.cfg.name} --force --fuse auto` fuses those (same outputs, more MACs)")
+    if summary.get("fuse_times"):
+        text.append(f"fuse auto, by the latency table ({setup['device']}, batch {setup['batch_size']}):")
+        for name, t in summary["fuse_times"].items():
+            fused = name in summary["fused"]
+            why = "the dense conv is faster: one dense conv, same outputs" if fused else "the bottleneck is faster: kept"
+            text.append(f"  {name} at group size {t['size']}: bottleneck {t['bottleneck_ms']:.3f} ms, dense conv {t['dense_ms']:.3f} ms; {why}")
+    note = slower_note(ctx, summary)
+    if note:
+        text.append(note)
     return "\n".join(text)
+
+
+def format_networks(rows: Sequence[dict]) -> str:
+    """The original network and the exported choices, measured (:func:`gross.pipeline.measured_networks`)."""
+    lines = [[r["network"], format_config(r["config"]) if r["config"] != ("-",) else "-", f"{100 * r['val_acc']:.2f}",
+              f"{r['macs'] / 1e6:.3f}", f"{r['ms']:.3f}", r["versus"]] for r in rows]
+    return _text_table(["network", "configuration", "val acc %", "MACs (M)", "measured ms", ""], lines, left={0, 1, 5})
 
 
 def format_results(ctx: Context, export_summary: dict | None = None) -> str:
@@ -302,12 +313,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, metavar="S", help="evolution: seed (default 0)")
     g.add_argument("--max-configs", type=int, metavar="N", help="exhaustive: most configurations scored (default 5000; auto: beam above it)")
 
-    p = sub.add_parser("latency", help="latency table of the GroSS layers on this device (-> latency/table.json)",
+    p = sub.add_parser("latency", help="choose by measured latency on this device, beside the choice by MACs (-> latency/)",
                        description=_wrap("Time every GroSS layer of the finetuned network at every group size, as the three convs it "
-                       "exports to, and as the original dense conv, plus the rest of the network, on the run's device (--device). "
-                       "`gross search --latency` then searches under predicted latency, and export fuses by it."),
+                       "exports to, and as the original dense conv, plus the rest of the network, on the run's device (--device), "
+                       "into latency/table.json (kept when it exists; --force measures again). Then search for the most accurate "
+                       "configuration within a latency budget (--max-ms; default: the original network's predicted latency), each "
+                       "layer costing the faster of its bottleneck and the dense conv (latency/search/), export it with those "
+                       "layers fused (latency/export/), and print it beside the network chosen by MACs (export/) and the "
+                       "original, with val accuracy, MACs and measured ms; report.md gets the same table. `gross search "
+                       "--latency` and `gross export --fuse auto` use the table too."),
                        epilog=SET_HELP, formatter_class=fmt)
-    _common(p, stage=False)
+    _common(p, stage=False, force_help="measure the latency table again")
+    p.add_argument("--max-ms", type=float, metavar="X", help="latency budget in predicted ms (default: the original network's)")
     p.add_argument("--batch-size", type=int, metavar="B", help="images per timed forward pass (default latency.batch_size, 1)")
     p.add_argument("--repeats", type=int, metavar="N", help="timed samples per candidate (default latency.repeats, 25)")
     p.add_argument("--out", type=Path, metavar="TABLE.json", help="write here (default search.latency_table: RUN/latency/table.json)")
@@ -437,12 +454,17 @@ def _cmd_search(ctx: Context) -> None:
 
 
 def _cmd_latency(ctx: Context, args: argparse.Namespace) -> None:
-    path = args.out.resolve() if args.out else None
-    table = stage_latency(ctx, path)
-    if ctx.lead and table is not None:
-        print(format_latency(table), flush=True)
-        ctx.log(f"[latency] wrote {path or latency_path(ctx)}; search under it with `gross search --latency"
-                f"{' ' + str(path) if path else ''}`")
+    path = args.out.resolve() if args.out else latency_path(ctx)
+    summary = stage_latency(ctx, path, budget_ms=args.max_ms)
+    report = stage_report(ctx) if (ctx.run_dir / SEARCH_DIR / "results.csv").is_file() else None
+    if ctx.lead:
+        print(format_latency(LatencyTable.load(path)), flush=True)
+        print("", flush=True)
+        print(format_export(ctx, summary, f"{LATENCY_DIR}/{EXPORT_DIR}"), flush=True)
+        print("", flush=True)
+        print(format_networks(measured_networks(ctx)), flush=True)
+        if report is not None:
+            print(f"report: {report}", flush=True)
 
 
 def _cmd_export(ctx: Context, args: argparse.Namespace) -> None:

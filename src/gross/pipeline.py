@@ -19,6 +19,7 @@ or one stage at a time on a :class:`Context` (``pipeline.context(cfg)``). The ru
     gross/        model.safetensors arch.json metrics.jsonl     gross finetune (the trained space)
     search/       results.csv best.json uniform.csv source.json gross search
     latency/      table.json                                    gross latency (or export --fuse auto)
+    latency/search/  latency/export/                            gross latency: the choice by measured latency
     export/       net.safetensors net.json net.onnx summary.json  gross export
     report.md     pareto.png front_group_sizes.png [latency.png]  gross report
     fixed/2-32-64/{decompose,reconstruct,gross}/                gross fixed --config 2,32,64
@@ -45,6 +46,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import hashlib
 import importlib.util
 import io
@@ -72,7 +74,7 @@ from .data import DataError, Splits
 from .export import export_onnx
 from .export import load as load_export
 from .export import save as save_export
-from .latency import LatencyTable, compare_latency, latency_table
+from .latency import DENSE, LatencyTable, compare_latency, latency_table
 from .macs import count_macs, macs_table
 from .model import (
     batchnorm_state,
@@ -88,7 +90,7 @@ from .model import (
 )
 from .models import build_model
 from .report import read_results, write_report
-from .search import AdditiveCost, feasible_configs, macs_cost, resolve_budget, uniform_config
+from .search import FUSED_LATENCY, AdditiveCost, feasible_configs, macs_cost, resolve_budget, uniform_config
 from .search import search as run_search
 from .train import (
     CHECKPOINT,
@@ -124,6 +126,8 @@ __all__ = [
     "stage_latency",
     "stage_export",
     "stage_report",
+    "measured_networks",
+    "slower_note",
     "select_configurations",
     "score_configurations",
     "search_results",
@@ -483,6 +487,7 @@ def score_configurations(ctx: Context, model: torch.nn.Module, configs: Sequence
 
 SEARCH_DIR = "search"
 EXPORT_DIR = "export"
+LATENCY_DIR = "latency"  # the table, and the search and export by measured latency (gross latency)
 REPORT = "report.md"
 
 
@@ -622,14 +627,14 @@ def _csv_text(rows: Sequence[dict], columns: Sequence[str]) -> str:
     return buf.getvalue()
 
 
-def stage_search(ctx: Context, skip_done: bool = False) -> bool:
+def stage_search(ctx: Context, skip_done: bool = False, folder: str = SEARCH_DIR) -> bool:
     """Search the finetuned space on the validation split into ``search/``; every process takes part.
 
     Returns whether it searched (False: skipped as done). ``results.csv`` is appended as
     configurations are scored, so running it again continues an interrupted search, and a
     finished one with other settings (another budget) reuses every score already there.
     """
-    out = ctx.run_dir / SEARCH_DIR
+    out = ctx.run_dir / folder
     s = ctx.cfg.search
     settings = config_to_dict(s)
     model, _ = _gross_model(ctx)
@@ -662,13 +667,17 @@ def stage_search(ctx: Context, skip_done: bool = False) -> bool:
     val = _split_batches(ctx, "val")
     test = _split_batches(ctx, "test") if s.test else None
     table = _on_lead(ctx, lambda: _load_latency(latency_path(ctx), names, "search.cost: latency")) if s.cost == "latency" else None
-    cost = AdditiveCost.from_latency_table(table) if table is not None else macs_cost(model, shape)
+    # The export fuses a bottleneck into one dense conv (same outputs) where that is faster, so
+    # under latency the dense conv is a per-layer choice (see _export's fuse).
+    cost = AdditiveCost.from_latency_table(table, fuse=table.has_dense) if table is not None else macs_cost(model, shape)
     budget = parse_budget(s.budget)
     limit = resolve_budget(budget, space, cost)
     strategy, options = _strategy(ctx, space, cost, limit)
     unit = "ms" if table is not None else "M MACs"
     shown = limit if table is not None else limit / 1e6
     limit_text = f"budget {budget} = {shown:.4g} {unit}" if budget is not None else f"no budget ({'ms' if table is not None else 'MACs'})"
+    if cost.name == FUSED_LATENCY:
+        limit_text += ", each layer at the faster of its bottleneck and the dense conv"
     ctx.log(f"[search] {out}: {strategy} over {math.prod(len(x) for x in space)} configurations of {', '.join(names)}; "
             f"{limit_text}; scored on the val split{' (and test, reported only)' if s.test else ''}")
     if ctx.lead:
@@ -679,7 +688,7 @@ def stage_search(ctx: Context, skip_done: bool = False) -> bool:
     # budget, and chosen when one fits and beats the strategy's pick.
     uniform = _uniform_configs(space)
     result = run_search(
-        model, val, strategy=strategy, budget=budget, cost=table, test_data=test, out_dir=out,
+        model, val, strategy=strategy, budget=budget, cost=cost, test_data=test, out_dir=out,
         input_shape=shape, calibration=_calibration(ctx, s.recalibrate), progress=ctx.progress and ctx.lead,
         extra=[c for _, c in uniform], **options,
     )
@@ -708,16 +717,74 @@ def _measure_latency(ctx: Context, path: Path, model: torch.nn.Module) -> Latenc
     return table
 
 
-def stage_latency(ctx: Context, path: Path | None = None) -> LatencyTable | None:
-    """Time every GroSS layer at every group size (and dense) on this device, into ``latency/table.json``."""
+def stage_latency(ctx: Context, path: Path | None = None, budget_ms: float | None = None) -> dict | None:
+    """Choose by measured latency on this device, beside the choice by MACs (``gross latency``).
+
+    Times every GroSS layer at every group size and as the dense conv into ``latency/table.json``
+    (kept when it exists, unless ``ctx.force``), searches the finetuned space under a latency
+    budget with the dense conv as a per-layer choice into ``latency/search/`` (reusing the scores
+    of an earlier one), and exports the pick with ``fuse: auto`` into ``latency/export/``,
+    measured against the original network. ``budget_ms`` defaults to the original network's
+    predicted latency, so the pick is the most accurate configuration predicted to run no slower
+    than the original. Returns the export's summary (process 0; None elsewhere).
+    """
     path = path or latency_path(ctx)
-    if path.is_file() and not ctx.force:
-        raise StageError(f"{path} exists; pass --force to measure it again")
-    table = None
-    if ctx.lead:
-        table = _measure_latency(ctx, path, _gross_model(ctx)[0])
-    ctx.barrier()
-    return table
+    names = [spec["name"] for spec in _gross_arch(ctx)["layers"]]
+
+    def measured() -> LatencyTable:
+        if path.is_file() and not ctx.force:
+            ctx.log(f"[latency] using {path} (--force measures it again)")
+            return _load_latency(path, names, "gross latency")
+        return _measure_latency(ctx, path, _gross_model(ctx)[0])
+
+    table = _on_lead(ctx, measured)
+    cfg = copy.deepcopy(ctx.cfg)
+    cfg.search.cost, cfg.search.latency_table = "latency", str(path)
+    # Summed as the search's cost sums (float addition in the same order), so that a configuration
+    # fused into dense convs everywhere fits exactly.
+    cfg.search.budget = AdditiveCost.from_latency_table(table)([DENSE] * len(names)) if budget_ms is None else budget_ms
+    cfg.export.fuse, cfg.export.config = "auto", None
+    search = f"{LATENCY_DIR}/{SEARCH_DIR}"
+    stage_search(dataclasses.replace(ctx, cfg=cfg), folder=search)
+    return stage_export(dataclasses.replace(ctx, cfg=cfg, force=True), best=True, folder=f"{LATENCY_DIR}/{EXPORT_DIR}", search=search)
+
+
+def measured_networks(ctx: Context) -> list[dict]:
+    """The original network and the exported choices (by MACs: ``export/``; by latency:
+    ``latency/export/``) with val accuracy, MACs and measured ms, for printing and the report."""
+    rows: list[dict] = []
+    for label, folder in (("chosen by MACs", EXPORT_DIR), ("chosen by latency", f"{LATENCY_DIR}/{EXPORT_DIR}")):
+        summary = _read_json(ctx.run_dir / folder / "summary.json")
+        if summary is None:
+            continue
+        ms = summary["latency_ms"]
+        if not rows:
+            rows.append({"network": "original", "config": ("-",), "val_acc": summary["val_accuracy"]["original"],
+                         "macs": summary["macs"]["original"], "ms": ms["original"], "versus": ""})
+        fused = f", fused: {', '.join(summary['fused'])}" if summary["fused"] else ""
+        rows.append({"network": f"{label}{fused}", "config": tuple(summary["config"]), "val_acc": summary["val_accuracy"]["exported"],
+                     "macs": summary["macs"]["exported"], "ms": ms["exported"],
+                     "versus": ratio(ms["original"], ms["exported"], "faster", "slower") + " (timed together)"})
+    return rows
+
+
+def slower_note(ctx: Context, summary: dict) -> str | None:
+    """A plain sentence when the exported network is slower than the original on this device."""
+    ms, macs, setup = summary["latency_ms"], summary["macs"], summary["latency_setup"]
+    if ms["exported"] <= ms["original"]:
+        return None
+    fewer = f", although it has {ratio(macs['original'], macs['exported'], 'fewer', 'more')} MACs" if macs["exported"] < macs["original"] else ""
+    return (f"The exported network {format_config(summary['config'])} is {ratio(ms['original'], ms['exported'], 'faster', 'slower')} than "
+            f"the original on {setup['device']} at batch {setup['batch_size']}{fewer}: here its bottlenecks are slower than the dense "
+            f"convs they replace. `gross latency --name {ctx.cfg.name}` chooses by measured latency instead, with the dense conv as a "
+            f"per-layer choice, and compares both.")
+
+
+def ratio(original: float, exported: float, better: str, worse: str) -> str:
+    """``"1.94x fewer"``: how ``exported`` compares with ``original`` (lower is ``better``)."""
+    if not original or not exported:
+        return ""
+    return f"{original / exported:.2f}x {better}" if original >= exported else f"{exported / original:.2f}x {worse}"
 
 
 def _named_choices(names: Sequence[str], space: Sequence[Sequence[int]], config: tuple[int, ...] | dict[str, int], what: str) -> tuple[int, ...]:
@@ -735,8 +802,9 @@ def _named_choices(names: Sequence[str], space: Sequence[Sequence[int]], config:
     return tuple(config)
 
 
-def _best_config(ctx: Context, names: Sequence[str]) -> tuple[int, ...]:
-    path = ctx.run_dir / SEARCH_DIR / "best.json"
+def _search_best(ctx: Context, names: Sequence[str], folder: str = SEARCH_DIR) -> dict:
+    """``best.json`` of a finished search of this network."""
+    path = ctx.run_dir / folder / "best.json"
     best = _read_json(path)
     if best is None:
         raise StageError(f"{path} is missing; run `gross search --name {ctx.cfg.name}` first or pass --config")
@@ -744,7 +812,7 @@ def _best_config(ctx: Context, names: Sequence[str]) -> tuple[int, ...]:
         raise StageError(f"the search in {path.parent} has not finished; run `gross search --name {ctx.cfg.name}` to finish it or pass --config")
     if list(best.get("layers", [])) != list(names):
         raise StageError(f"{path} is for layers {best.get('layers')}, but the GroSS network has {list(names)}; run `gross search --force`")
-    return tuple(int(s) for s in best["best"]["config"])
+    return best
 
 
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
@@ -796,9 +864,16 @@ def _onnx_check(exported: torch.nn.Module, path: Path, x: torch.Tensor, opset: i
     return info
 
 
-def stage_export(ctx: Context, config: tuple[int, ...] | dict[str, int] | None = None, best: bool = False, skip_done: bool = False) -> dict | None:
-    """The plain network at one configuration into ``export/`` (process 0); returns its summary."""
-    out = ctx.run_dir / EXPORT_DIR
+def stage_export(
+    ctx: Context, config: tuple[int, ...] | dict[str, int] | None = None, best: bool = False, skip_done: bool = False,
+    folder: str = EXPORT_DIR, search: str = SEARCH_DIR,
+) -> dict | None:
+    """The plain network at one configuration into ``export/`` (process 0); returns its summary.
+
+    ``config`` (else ``export.config``, else the best of the search in ``search``) is exported
+    into ``folder``.
+    """
+    out = ctx.run_dir / folder
     summary_path = out / "summary.json"
     if config is not None:  # a bad --config is the first thing to hear about
         layers = _gross_arch(ctx)["layers"]
@@ -807,10 +882,10 @@ def stage_export(ctx: Context, config: tuple[int, ...] | dict[str, int] | None =
         if skip_done:
             summary = _read_json(summary_path)
             ctx.log(f"[export] done already: {out}")
-            if summary and summary.get("source") == "search" and (ctx.run_dir / SEARCH_DIR / "best.json").is_file():
+            if summary and summary.get("source") == "search" and (ctx.run_dir / search / "best.json").is_file():
                 names = summary.get("layers", [])
                 try:
-                    chosen = _best_config(ctx, names)
+                    chosen = tuple(_search_best(ctx, names, search)["best"]["config"])
                 except StageError:
                     chosen = None
                 if chosen is not None and list(chosen) != summary.get("config"):
@@ -820,20 +895,26 @@ def stage_export(ctx: Context, config: tuple[int, ...] | dict[str, int] | None =
         raise StageError(f"{out} exists; pass --force to replace it")
     summary = None
     if ctx.lead:
-        summary = _export(ctx, config, best)
+        summary = _export(ctx, config, best, out, search)
     ctx.barrier()
     return summary
 
 
 def _export_into(ctx: Context, tmp: Path, model: torch.nn.Module, arch: dict, base: torch.nn.Module, chosen: tuple[int, ...],
-                 source: str, fuse: Any, table: LatencyTable | None, shape: tuple[int, ...], val: list) -> dict:
+                 source: str, fuse: str, table: LatencyTable | None, shape: tuple[int, ...], val: list) -> dict:
     """Write, reload, check, measure and summarise the exported network in ``tmp``."""
     cfg = ctx.cfg.export
     names = [name for name, _ in gross_layers(model)]
-    save_export(model, tmp, arch={"name": arch["model"], "kwargs": arch["kwargs"]}, config=chosen, fuse=fuse, latency=table, original=base)
+    save_export(model, tmp, arch={"name": arch["model"], "kwargs": arch["kwargs"]}, config=chosen,
+                fuse={"auto": "auto", "none": False, "all": True}[fuse], latency=table, original=base)
     exported = load_export(tmp).to(ctx.device)
     record = {name: info for name, info in getattr(exported, "gross_export").items()}
     fused = [name for name, info in record.items() if info["fused"]]
+    # Why each layer was fused or not: the table's times (fuse auto).
+    fuse_times = {
+        name: {"size": size, "bottleneck_ms": options[size], "dense_ms": options[DENSE]}
+        for name, size, options in zip(names, chosen, table.options) if size != 0
+    } if table is not None else None
     x = val[0][0][:64]
     check: dict[str, Any] = {}
     if 0 not in chosen:
@@ -860,8 +941,9 @@ def _export_into(ctx: Context, tmp: Path, model: torch.nn.Module, arch: dict, ba
         "config": list(chosen),
         "layers": names,
         "source": source,
-        "fuse": cfg.fuse,
+        "fuse": fuse,
         "fused": fused,
+        "fuse_times": fuse_times,
         "input_shape": list(shape),
         "macs": {"original": count_macs(base, shape).total, "exported": count_macs(exported, shape).total},
         "params": {"original": sum(p.numel() for p in base.parameters()), "exported": sum(p.numel() for p in exported.parameters())},
@@ -877,8 +959,9 @@ def _export_into(ctx: Context, tmp: Path, model: torch.nn.Module, arch: dict, ba
     return summary
 
 
-def _export(ctx: Context, config: tuple[int, ...] | dict[str, int] | None, best: bool) -> dict:
+def _export(ctx: Context, config: tuple[int, ...] | dict[str, int] | None, best: bool, out: Path, search: str) -> dict:
     cfg = ctx.cfg.export
+    fuse_setting = cfg.fuse
     model, meta = _gross_model(ctx)
     base, _ = _load(ctx, ctx.run_dir / STAGE_DIRS["train"] / MODEL, "train", base_arch(ctx))
     names = [name for name, _ in gross_layers(model)]
@@ -886,11 +969,17 @@ def _export(ctx: Context, config: tuple[int, ...] | dict[str, int] | None, best:
     if config is not None:
         chosen, source = _named_choices(names, space, config, "--config"), "given"
     elif best or cfg.config is None:
-        chosen, source = _best_config(ctx, names), "search"
+        found = _search_best(ctx, names, search)
+        chosen, source = tuple(int(s) for s in found["best"]["config"]), "search"
+        if found.get("cost") == FUSED_LATENCY and fuse_setting == "none":
+            # The search counted each layer at the faster of bottleneck and dense conv: only
+            # fusing where the table says so gives the network it chose.
+            ctx.log("[export] the search chose by latency with fused layers where faster: exporting with fuse auto")
+            fuse_setting = "auto"
     else:
         chosen, source = _named_choices(names, space, tuple(cfg.config), "export.config"), "export.config"
     table = None
-    if cfg.fuse == "auto":
+    if fuse_setting == "auto":
         path = latency_path(ctx)
         if path.is_file():
             table = _load_latency(path, names, "export.fuse: auto")
@@ -899,21 +988,20 @@ def _export(ctx: Context, config: tuple[int, ...] | dict[str, int] | None, best:
                         f"fusing by it for {ctx.device} at batch {ctx.cfg.latency.batch_size} (run `gross latency --force` to measure again)")
         else:
             table = _measure_latency(ctx, path, model)
-    fuse: Any = {"auto": "auto", "none": False, "all": True}[cfg.fuse]
     shape = _input_shape(ctx)
     val = _split_batches(ctx, "val")
-    tmp = ctx.run_dir / f".{EXPORT_DIR}.tmp"
+    tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        summary = _export_into(ctx, tmp, model, meta["arch"], base, chosen, source, fuse, table, shape, val)
+        summary = _export_into(ctx, tmp, model, meta["arch"], base, chosen, source, fuse_setting, table, shape, val)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = ctx.run_dir / f".{EXPORT_DIR}.old"
+    old = out.with_name(f".{out.name}.old")
     shutil.rmtree(old, ignore_errors=True)
-    if out_exists := (ctx.run_dir / EXPORT_DIR).exists():
-        os.replace(ctx.run_dir / EXPORT_DIR, old)
-    os.replace(tmp, ctx.run_dir / EXPORT_DIR)
+    if out_exists := out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
     if out_exists:
         shutil.rmtree(old, ignore_errors=True)
     return summary
@@ -962,7 +1050,8 @@ def predicted_latency(ctx: Context, layers: Sequence[str]) -> LatencyTable | Non
 def stage_report(ctx: Context, skip_done: bool = False) -> Path | None:
     """``report.md`` and its plots in the run folder, from ``search/`` (and ``export/``) (process 0)."""
     path = ctx.run_dir / REPORT
-    inputs = [ctx.run_dir / SEARCH_DIR / n for n in ("results.csv", "best.json", "uniform.csv")] + [ctx.run_dir / EXPORT_DIR / "summary.json"]
+    inputs = [ctx.run_dir / SEARCH_DIR / n for n in ("results.csv", "best.json", "uniform.csv")]
+    inputs += [ctx.run_dir / folder / "summary.json" for folder in (EXPORT_DIR, f"{LATENCY_DIR}/{EXPORT_DIR}")]
     if skip_done and path.is_file() and all(path.stat().st_mtime_ns >= p.stat().st_mtime_ns for p in inputs if p.is_file()):
         ctx.log(f"[report] done already: {path}")
         return path
@@ -982,12 +1071,10 @@ def stage_report(ctx: Context, skip_done: bool = False) -> Path | None:
             if config in by_config:
                 budgets[f"uniform:{g}"] = by_config[config]["macs"]
         summary = _read_json(ctx.run_dir / EXPORT_DIR / "summary.json")
-        latency = None
-        if summary:
-            latency = {"original": summary["latency_ms"]["original"], f"exported {format_config(summary['config'])}": summary["latency_ms"]["exported"]}
+        note = slower_note(ctx, summary) if summary else None
         title = f"GroSS search: {ctx.cfg.name} ({arch['model']} on {Path(str(ctx.cfg.data.dataset)).name})"
         write_report(rows, ctx.run_dir, uniform={label: c for c, label in labels.items()}, budgets=budgets or None,
-                     latency=latency, layer_names=names, title=title)
+                     networks=measured_networks(ctx), notes=[note] if note else [], layer_names=names, title=title)
         ctx.log(f"[report] wrote {path} and its plots")
     ctx.barrier()
     return path

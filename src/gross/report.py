@@ -131,7 +131,9 @@ def _fmt(value: object, key: str) -> str:
 
 
 def _header(key: str) -> str:
-    return {"macs": "MACs (M)", "val_acc": "val acc"}.get(key, dict(_OPTIONAL).get(key, key))
+    return {"macs": "MACs (M)", "val_acc": "val acc", "ms": "measured ms", "versus": "against the original"}.get(
+        key, dict(_OPTIONAL).get(key, key)
+    )
 
 
 def _table(rows: Sequence[Row], keys: Sequence[str], first: str | None = None) -> list[str]:
@@ -151,7 +153,8 @@ def write_report(
     *,
     uniform: Mapping[str, Sequence] | Sequence[Sequence] | None = None,
     budgets: Mapping[str, float] | None = None,
-    latency: Mapping[str, float] | None = None,
+    networks: Sequence[Mapping] | None = None,
+    notes: Sequence[str] = (),
     layer_names: Sequence[str] | None = None,
     title: str = "GroSS search",
     cost_key: str = "macs",
@@ -174,9 +177,11 @@ def write_report(
     budgets : dict label -> cost, optional
         Report the best configuration with cost <= each budget. Default: the cost of every
         uniform configuration that was evaluated (the paper's budget rule).
-    latency : dict label -> ms, optional
-        Measured latencies of whole networks, e.g. ``{"original": 1.9, "exported": 0.8}``;
-        shown with the speed-up over ``"original"`` when that key is present.
+    networks : sequence of dict, optional
+        Whole networks measured on a device: ``network`` (label), ``config``, ``val_acc``,
+        ``macs``, ``ms`` and ``versus`` (against the original, e.g. ``"1.9x slower"``).
+    notes : sequence of str
+        Sentences shown under the measured networks (what the measurements mean for the user).
     layer_names : sequence of str, optional
         Names of the configuration's layers, for the heatmap and the tables.
     title : str
@@ -234,12 +239,11 @@ def write_report(
         lines += _table(best_rows, keys + extra, first="budget")
         if references:
             lines += ["", f"gain: {_header(score_key)} over the uniform configuration that sets the budget."]
-    if latency:
-        lines += ["", "## Measured latency", "", "| network | ms | speed-up |", "| --- | --- | --- |"]
-        base = latency.get("original")
-        for label, ms in latency.items():
-            speedup = f"{base / ms:.2f}x" if base and ms else ""
-            lines.append(f"| {label} | {ms:.4g} | {speedup} |")
+    if networks:
+        lines += ["", "## Measured networks", ""]
+        lines += _table([{**n, "_label": n["network"]} for n in networks], ["val_acc", "macs", "ms", "versus"], first="network")
+    if notes:
+        lines += ["", *notes]
     plots = [_plot_front(rows, front, uniform_rows, out / "pareto.png", cost_key, score_key)]
     plots.append(_plot_sizes(front, out / "front_group_sizes.png", cost_key, layer_names))
     latency_front = pareto_front(rows, "latency_ms", score_key) if cost_key != "latency_ms" else []

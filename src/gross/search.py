@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .data import Dataset, batches
-from .latency import LatencyTable
+from .latency import DENSE, LatencyTable
 from .macs import macs_table
 from .model import (
     batchnorm_state,
@@ -66,6 +66,7 @@ __all__ = [
     "ConfigEvaluator",
     "evaluate_configs",
     "AdditiveCost",
+    "FUSED_LATENCY",
     "macs_cost",
     "params_cost",
     "uniform_config",
@@ -85,6 +86,7 @@ __all__ = [
 
 log = logging.getLogger("gross")
 
+FUSED_LATENCY = "latency_ms_fused"  # the name of a latency cost with the dense conv as a per-layer choice
 Configuration = tuple[int, ...]  # one group size per GroSS layer, in module order
 CostFn = Callable[[Configuration], float]
 Batches = Sequence[tuple[Tensor, Tensor]]
@@ -567,9 +569,20 @@ class AdditiveCost:
         return total
 
     @classmethod
-    def from_latency_table(cls, table: LatencyTable) -> AdditiveCost:
-        """Predicted latency (ms) of the exported network, from :func:`gross.latency.latency_table`."""
-        return cls(base=table.rest, terms=table.options, name="latency_ms")
+    def from_latency_table(cls, table: LatencyTable, fuse: bool = False) -> AdditiveCost:
+        """Predicted latency (ms) of the exported network, from :func:`gross.latency.latency_table`.
+
+        With ``fuse`` the dense conv is a per-layer choice: a layer costs the faster of its
+        bottleneck and the one dense conv with the same outputs, which is what
+        ``gross.export(..., fuse="auto")`` builds (the table needs its dense column). The
+        accuracy does not change with fusing, so the search may rank by this cost alone.
+        """
+        if not fuse:
+            return cls(base=table.rest, terms=table.options, name="latency_ms")
+        if not table.has_dense:
+            raise ValueError("fuse=True needs the table's dense timings; build it with include_dense=True")
+        terms = tuple({k: min(ms, options[DENSE]) for k, ms in options.items() if k != DENSE} for options in table.options)
+        return cls(base=table.rest, terms=terms, name=FUSED_LATENCY)
 
 
 def macs_cost(model: nn.Module, input_shape: Sequence[int]) -> AdditiveCost:
