@@ -45,3 +45,11 @@ def test_a_slower_export_is_said_plainly_in_the_report(tmp_path):
     assert note in report and "| chosen by MACs" in report and "2.00x slower (timed together) |" in report
     summary["latency_ms"] = {"original": 2.0, "exported": 1.0}
     assert pipeline.slower_note(ctx, summary) is None
+
+
+def test_a_setting_added_since_a_stage_ran_does_not_count_as_changed_at_its_default():
+    saved, default = {"epochs": 3, "fixed": {"lr": 0.1}}, {"epochs": 1, "new": False, "fixed": {"lr": 0.1, "new": 0}}
+    assert not pipeline._differs(saved, {"epochs": 3, "new": False, "fixed": {"lr": 0.1, "new": 0}}, default)
+    assert pipeline._differs(saved, {"epochs": 3, "new": True, "fixed": {"lr": 0.1, "new": 0}}, default)
+    assert pipeline._differs(saved, {"epochs": 3, "new": False, "fixed": {"lr": 0.1, "new": 2}}, default)
+    assert pipeline._differs(saved, {"epochs": 4, "new": False, "fixed": {"lr": 0.1, "new": 0}}, default)

@@ -223,11 +223,18 @@ def _stage_info(ctx: Context, stage: str, history: list | None = None) -> dict:
     return info
 
 
+def _differs(saved: Any, now: Any, default: Any) -> bool:
+    """Whether settings differ; a key the saved ones lack (added to gross since) counts only when not at its default."""
+    if isinstance(saved, dict) and isinstance(now, dict) and isinstance(default, dict):
+        return any(_differs(saved[k], v, default.get(k)) if k in saved else v != default.get(k) for k, v in now.items())
+    return saved != now
+
+
 def _check_reused(ctx: Context, sections: Sequence[str], path: Path) -> None:
     """Warn when a finished stage was made with other settings than the configuration's now."""
     saved = read_meta(path).get("config") or {}
-    now = config_to_dict(ctx.cfg)
-    changed = [s for s in sections if s in saved and saved[s] != now[s]]
+    now, default = config_to_dict(ctx.cfg), config_to_dict(Config())
+    changed = [s for s in sections if s in saved and _differs(saved[s], now[s], default[s])]
     if changed:
         ctx.log(
             f"warning: {path} was made with other {', '.join(changed)} settings than the configuration "
@@ -675,7 +682,9 @@ def stage_search(ctx: Context, skip_done: bool = False, folder: str = SEARCH_DIR
     strategy, options = _strategy(ctx, space, cost, limit)
     unit = "ms" if table is not None else "M MACs"
     shown = limit if table is not None else limit / 1e6
-    limit_text = f"budget {budget} = {shown:.4g} {unit}" if budget is not None else f"no budget ({'ms' if table is not None else 'MACs'})"
+    limit_text = f"budget {budget} = {shown:.4g} {unit}" if isinstance(budget, str) else f"budget {shown:.4g} {unit}"
+    if budget is None:
+        limit_text = f"no budget ({'ms' if table is not None else 'MACs'})"
     if cost.name == FUSED_LATENCY:
         limit_text += ", each layer at the faster of its bottleneck and the dense conv"
     ctx.log(f"[search] {out}: {strategy} over {math.prod(len(x) for x in space)} configurations of {', '.join(names)}; "
@@ -773,11 +782,13 @@ def slower_note(ctx: Context, summary: dict) -> str | None:
     ms, macs, setup = summary["latency_ms"], summary["macs"], summary["latency_setup"]
     if ms["exported"] <= ms["original"]:
         return None
+    text = (f"The exported network {format_config(summary['config'])} is {ratio(ms['original'], ms['exported'], 'faster', 'slower')} "
+            f"than the original on {setup['device']} at batch {setup['batch_size']}")
+    if summary["fuse"] != "none":  # chosen by the latency table already: the measurement disagrees with it
+        return text + " (the latency table predicted otherwise; `gross latency --force` measures it again)."
     fewer = f", although it has {ratio(macs['original'], macs['exported'], 'fewer', 'more')} MACs" if macs["exported"] < macs["original"] else ""
-    return (f"The exported network {format_config(summary['config'])} is {ratio(ms['original'], ms['exported'], 'faster', 'slower')} than "
-            f"the original on {setup['device']} at batch {setup['batch_size']}{fewer}: here its bottlenecks are slower than the dense "
-            f"convs they replace. `gross latency --name {ctx.cfg.name}` chooses by measured latency instead, with the dense conv as a "
-            f"per-layer choice, and compares both.")
+    return (f"{text}{fewer}: here its bottlenecks are slower than the dense convs they replace. `gross latency --name "
+            f"{ctx.cfg.name}` chooses by measured latency instead, with the dense conv as a per-layer choice, and compares both.")
 
 
 def ratio(original: float, exported: float, better: str, worse: str) -> str:
