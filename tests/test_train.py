@@ -265,31 +265,30 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path):
 # Resume
 
 
-def test_resume_from_an_epoch_checkpoint_matches_the_uninterrupted_run(tmp_path):
+class Killed(Exception):
+    """Raised right after the first epoch checkpoint is written: the process dies there."""
+
+
+def kill_after_first_checkpoint(monkeypatch: pytest.MonkeyPatch, stage, *args, **kwargs) -> None:
+    """Run ``stage(*args, **kwargs)`` until its first checkpoint is on disk."""
+    real_save = train.save_training_state
+
+    def save_then_die(*save_args, **save_kwargs):
+        real_save(*save_args, **save_kwargs)
+        raise Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "save_training_state", save_then_die)
+        with pytest.raises(Killed):
+            stage(*args, **kwargs)
+
+
+def test_resume_from_an_epoch_checkpoint_matches_the_uninterrupted_run(tmp_path, monkeypatch):
     data = tiny_splits()
     cfg = TrainConfig(epochs=3, batch_size=16, lr=0.05)
     reference = tiny_net()
     ref_hist = train.train_base(reference, data, cfg)
-
-    class Stop(Exception):
-        pass
-
-    killed = tiny_net()
-    epochs_done = {"n": 0}
-    real_save = train.save_training_state
-
-    def save_then_die(*args, **kwargs):
-        real_save(*args, **kwargs)
-        epochs_done["n"] += 1
-        if epochs_done["n"] == 1:
-            raise Stop  # as if killed right after the first checkpoint
-
-    train.save_training_state = save_then_die
-    try:
-        with pytest.raises(Stop):
-            train.train_base(killed, data, cfg, out_dir=tmp_path)
-    finally:
-        train.save_training_state = real_save
+    kill_after_first_checkpoint(monkeypatch, train.train_base, tiny_net(), data, cfg, out_dir=tmp_path)
     resumed = tiny_net(seed=99)
     hist = train.train_base(resumed, data, cfg, out_dir=tmp_path, resume=True)
     for name, value in reference.state_dict().items():
@@ -305,31 +304,15 @@ def test_resume_with_other_settings_is_refused(tmp_path):
         train.train_base(tiny_net(), data, TrainConfig(epochs=2, batch_size=16, lr=0.2), out_dir=tmp_path, resume=True)
 
 
-def test_resume_of_gross_stage_restores_the_sampler(tmp_path):
+def test_resume_of_gross_stage_restores_the_sampler(tmp_path, monkeypatch):
     data = tiny_splits()
     cfg = FinetuneConfig(epochs=3, batch_size=16, lr=0.01, alpha=0.0)
     _, ref = exact_gross_net()
     seen_ref, h = _record_configs(ref)
     train.finetune(ref, data, cfg)
     h.remove()
-    _, part = exact_gross_net()
     one = tmp_path / "one"
-
-    class Stop(Exception):
-        pass
-
-    real_save = train.save_training_state
-
-    def save_then_die(*args, **kwargs):
-        real_save(*args, **kwargs)
-        raise Stop
-
-    train.save_training_state = save_then_die
-    try:
-        with pytest.raises(Stop):
-            train.finetune(part, data, cfg, out_dir=one)
-    finally:
-        train.save_training_state = real_save
+    kill_after_first_checkpoint(monkeypatch, train.finetune, exact_gross_net()[1], data, cfg, out_dir=one)
     _, resumed = exact_gross_net(seed=5)
     seen, h = _record_configs(resumed)
     train.finetune(resumed, data, cfg, out_dir=one, resume=True)

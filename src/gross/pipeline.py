@@ -718,10 +718,15 @@ def stage_search(ctx: Context, skip_done: bool = False, folder: str = SEARCH_DIR
     return True
 
 
+def _timing(ctx: Context) -> dict:
+    """How every latency of a run is measured: the latency.* settings on the run's device."""
+    return {"batch_size": ctx.cfg.latency.batch_size, "repeats": ctx.cfg.latency.repeats, "device": ctx.device}
+
+
 def _measure_latency(ctx: Context, path: Path, model: torch.nn.Module) -> LatencyTable:
     lat = ctx.cfg.latency
     ctx.log(f"[latency] {path}: timing {len(gross_layers(model))} layers at every group size on {ctx.device}, batch {lat.batch_size}")
-    table = latency_table(model, _input_shape(ctx), batch_size=lat.batch_size, device=ctx.device, repeats=lat.repeats)
+    table = latency_table(model, _input_shape(ctx), **_timing(ctx))
     atomic_write(path, json.dumps(table.to_dict(), indent=1) + "\n")
     return table
 
@@ -946,7 +951,7 @@ def _export_into(ctx: Context, tmp: Path, model: torch.nn.Module, arch: dict, ba
     test_accuracy = {"original": evaluate(base, test).accuracy, "exported": evaluate(exported, test).accuracy} if test else None
     lat = ctx.cfg.latency
     ctx.log(f"[export] timing the original and the exported network on {ctx.device}, batch {lat.batch_size}")
-    ms = compare_latency({"original": base, "exported": exported}, shape, batch_size=lat.batch_size, device=ctx.device, repeats=lat.repeats)
+    ms = compare_latency({"original": base, "exported": exported}, shape, **_timing(ctx))
     onnx_info = _onnx_check(exported, tmp / "net.onnx", x, cfg.opset) if cfg.onnx else {"written": False, "note": "net.onnx not written (export.onnx: false)"}
     summary = {
         "config": list(chosen),
