@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 import gross
 from gross import checkpoint as ckpt
 from gross import train
-from gross.config import FinetuneConfig, TrainConfig
+from gross.config import FinetuneConfig, ReconstructConfig, TrainConfig
 from gross.data import Dataset, Splits
 from gross.models import PaperNet
 
@@ -37,9 +37,14 @@ def run_stage(stage: str, model_path: Path, out_dir: Path | None) -> tuple[torch
     torch.set_num_threads(1)
     model = load(model_path)
     seen: list = []
-    if stage == "finetune":
+    if stage in ("finetune", "reconstruct"):
         model.register_forward_pre_hook(lambda m, i: seen.append(gross.get_config(m)) if m.training else None)
+    if stage == "finetune":
         history = train.finetune(model, tiny_splits(), FinetuneConfig(epochs=2, batch_size=15, lr=0.05, alpha=0.0), out_dir=out_dir)
+    elif stage == "reconstruct":
+        # bn_eval off: the model runs in training mode, so that the hook above sees every step.
+        cfg = ReconstructConfig(epochs=2, batch_size=15, lr=0.05, alpha=0.0, bn_eval=False)
+        history = train.reconstruct(model, load(model_path.with_name("original.safetensors")), tiny_splits(), cfg, out_dir=out_dir)
     else:
         history = train.train_base(model, tiny_splits(), TrainConfig(epochs=2, batch_size=15, lr=0.05), out_dir=out_dir)
     return model, seen, history
@@ -59,15 +64,16 @@ def worker(rank: int, world: int, folder: str, stage: str) -> None:
 def start_model(folder: Path, decomposed: bool) -> None:
     torch.manual_seed(0)
     model = PaperNet(num_classes=4, widths=(4, 4, 8, 8), image_size=16)
+    kwargs = {"num_classes": 4, "widths": [4, 4, 8, 8], "image_size": 16}
+    ckpt.save_model(folder / "original.safetensors", model, ckpt.make_arch("paper", kwargs))
     if decomposed:
         gross.decompose(model, max_iter=10)
-    arch = ckpt.make_arch("paper", {"num_classes": 4, "widths": [4, 4, 8, 8], "image_size": 16}, model)
-    ckpt.save_model(folder / "start.safetensors", model, arch)
+    ckpt.save_model(folder / "start.safetensors", model, ckpt.make_arch("paper", kwargs, model))
 
 
-@pytest.mark.parametrize("stage", ["finetune", "train"])
+@pytest.mark.parametrize("stage", ["finetune", "reconstruct", "train"])
 def test_two_processes_stay_identical_and_match_one_process(tmp_path, stage):
-    start_model(tmp_path, decomposed=stage == "finetune")
+    start_model(tmp_path, decomposed=stage != "train")
     mp.spawn(worker, args=(2, str(tmp_path), stage), nprocs=2, join=True)
     states = [ckpt.load_tensors(tmp_path / f"rank{r}.safetensors") for r in (0, 1)]
     (s0, m0), (s1, m1) = states
@@ -86,8 +92,10 @@ def test_two_processes_stay_identical_and_match_one_process(tmp_path, stage):
         assert torch.equal(tensors[f"model.{name}"], s0[name])
     # One process on the whole batches takes the same steps, up to float summation order.
     single, seen, history = run_stage(stage, tmp_path / "start.safetensors", None)
-    if stage == "finetune":
+    if stage != "train":
         assert [list(c) for c in seen] == m0["seen"]
+    if stage == "reconstruct":
+        return  # its loss is a norm over each process's images, not a sum over images: no equality to expect
     for name, value in single.state_dict().items():
         assert torch.allclose(value, s0[name], atol=1e-5, rtol=1e-4), name
     assert [r["loss"] for r in history] == pytest.approx([r["loss"] for r in m0["history"]], rel=1e-4)

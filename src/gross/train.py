@@ -18,14 +18,14 @@ use it.
 
 Data parallel: when ``torch.distributed`` is initialised (``torchrun``), every process draws the
 same permutation, augmentation and configuration from identically seeded generators, takes its
-share of each global batch, and the gradients are summed with one ``all_reduce`` per step (plain
-all-reduce rather than DistributedDataParallel: the set of parameters that get a gradient changes
-every step with the sampled configuration, which DDP only supports with
-``find_unused_parameters``, a graph walk per step; since every process samples the same
-configuration, the set is the same on every process and one flat all-reduce of the existing
-gradients is exact). Each process weighs its loss by its share of the global batch, so the
-summed gradient is the global batch's mean gradient, as in one process. Parameters stay
-identical on every process; BatchNorm running statistics are averaged at the end of each epoch.
+share of each global batch, and trains through ``DistributedDataParallel``, whose bucketed
+all-reduce overlaps the backward pass. The set of parameters that get a gradient changes every
+step with the sampled configuration; it is the same on every process (same configuration), and
+DDP finds it with ``find_unused_parameters``. Each process weighs its loss by its share of the
+global batch, so the averaged gradient times the number of processes is the global batch's mean
+gradient, as in one process (response reconstruction's loss is a norm over each process's
+images, so there it is the mean of the processes' losses). Parameters stay identical on every
+process; BatchNorm running statistics are averaged at the end of each epoch.
 
 Checkpoints (``out_dir/checkpoint.safetensors``, see :mod:`gross.checkpoint`) are written every
 ``checkpoint_every`` epochs by process 0 and hold the model, the optimizer, the epoch and the
@@ -49,6 +49,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from .checkpoint import CheckpointError, atomic_write, load_training_state, read_meta, save_training_state
@@ -466,15 +467,19 @@ def _seed(*parts: int) -> int:
 _STAGE_IDS = {"train": 1, "reconstruct": 2, "finetune": 3}
 
 
-def _all_reduce_step(grads: list[Tensor], stats: Tensor) -> Tensor:
-    """Sum the gradients and ``stats`` over the process group with one collective."""
-    flat = torch.cat([g.reshape(-1) for g in grads] + [stats.to(grads[0].dtype if grads else stats.dtype)])
-    dist.all_reduce(flat)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
-    return flat[offset:].to(stats.dtype)
+def _data_parallel(model: nn.Module, device: torch.device, sampled: bool) -> DistributedDataParallel:
+    """``model`` wrapped for data-parallel training, starting from process 0's weights everywhere.
+
+    With ``sampled`` configurations every process sets the same one before each step, so the
+    GroSS terms of the sizes not drawn are unused alike on all of them; DDP finds them
+    (``find_unused_parameters``) and reduces the others in buckets that overlap the backward
+    pass. BatchNorm statistics are averaged once per epoch (:func:`_sync_buffers`) rather than
+    broadcast at every forward.
+    """
+    return DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False,
+        find_unused_parameters=sampled,
+    )
 
 
 def _sync_buffers(model: nn.Module) -> None:
@@ -505,7 +510,9 @@ def _read_metrics(path: Path) -> list[dict]:
     return rows
 
 
-StepFn = Callable[[Tensor, Tensor, int], tuple[Tensor, Tensor, Tensor | None]]
+# step(net, images, labels, global batch size) -> (loss to backpropagate, summed loss, correct or None);
+# ``net`` runs the model: the model itself, or its DistributedDataParallel wrapper.
+StepFn = Callable[[nn.Module, Tensor, Tensor, int], tuple[Tensor, Tensor, Tensor | None]]
 
 
 def _fit(
@@ -561,10 +568,7 @@ def _fit(
     if start >= cfg.epochs:
         return history
     saved_epoch = start
-    if world > 1:
-        # Start from the same weights everywhere, whatever each process built or loaded.
-        for t in list(model.parameters()) + list(model.buffers()):
-            dist.broadcast(t.data, 0)
+    net = _data_parallel(model, device, sampled=alpha is not None) if world > 1 else model
 
     epochs = tqdm(range(start, cfg.epochs), desc=stage, initial=start, total=cfg.epochs, disable=not (progress and lead), dynamic_ncols=True)
     for epoch in epochs:
@@ -589,12 +593,13 @@ def _fit(
             if alpha is not None:
                 set_config(model, sample_config(model, alpha, sample_gen, sampling))
             optimizer.zero_grad(set_to_none=True)
-            loss, batch_loss_sum, batch_correct = step(x, y, global_n)
-            loss.backward()
+            loss, batch_loss_sum, batch_correct = step(net, x, y, global_n)
+            # DDP averages the gradients over the processes; each loss is this process's share
+            # of the global batch's, so the average times the world is the global gradient.
+            (loss * world if world > 1 else loss).backward()
             stats = torch.stack([batch_loss_sum.detach().double(), (batch_correct if batch_correct is not None else torch.zeros((), device=device)).double()])
             if world > 1:
-                grads = [p.grad for p in params if p.grad is not None]
-                stats = _all_reduce_step(grads, stats)
+                dist.all_reduce(stats)
             # Checking the loss syncs with the device: every step on the CPU, every 25 on a GPU.
             # After an all-reduce every process sees the same loss and stops at the same step.
             if device.type == "cpu" or i % 25 == 0:
@@ -742,8 +747,8 @@ def train_base(
     cfg = cfg or TrainConfig()
     dev = _prepare(model, device, channels_last)
 
-    def step(x: Tensor, y: Tensor, global_n: int) -> tuple[Tensor, Tensor, Tensor]:
-        logits = model(x)
+    def step(net: nn.Module, x: Tensor, y: Tensor, global_n: int) -> tuple[Tensor, Tensor, Tensor]:
+        logits = net(x)
         loss_sum = F.cross_entropy(logits, y, reduction="sum")
         return loss_sum / global_n, loss_sum, (logits.argmax(1) == y).sum()
 
@@ -760,14 +765,14 @@ class _Stop(Exception):
 
 
 @contextmanager
-def _capture(model: nn.Module, names: Sequence[str], out: dict[str, Tensor]) -> Iterator[None]:
-    """Record the outputs of the named modules into ``out``; stop the forward after the last one."""
+def _capture(model: nn.Module, names: Sequence[str], out: dict[str, Tensor], stop: bool = True) -> Iterator[None]:
+    """Record the outputs of the named modules into ``out``; with ``stop``, end the forward after the last one."""
     last = names[-1]
 
     def hook_for(name: str):
         def hook(module: nn.Module, inputs: Any, output: Tensor) -> None:
             out[name] = output
-            if name == last:
+            if stop and name == last:
                 raise _Stop
 
         return hook
@@ -788,21 +793,27 @@ def _run_to(model: nn.Module, x: Tensor) -> None:
 
 
 def reconstruction_loss(
-    model: nn.Module, original: nn.Module, x: Tensor, names: Sequence[str] | None = None
+    model: nn.Module, original: nn.Module, x: Tensor, names: Sequence[str] | None = None, *, run: nn.Module | None = None
 ) -> Tensor:
     """``sum_l ||A'_l - A_l||_F / ||A_l||_F`` over the GroSS layers ``l`` (METHOD.md section 5).
 
     ``A_l`` is the output of the original network's layer of the same name and ``A'_l`` that of
     the GroSS layer, both networks run on the same images ``x`` (each on its own activations).
-    The original runs without gradients; the forwards stop after the last such layer.
+    The original runs without gradients; the forwards stop after the last such layer. ``run``
+    (a DistributedDataParallel wrapper of ``model``) runs ``model`` to its output instead, which
+    DDP needs to see.
     """
     names = list(names) if names is not None else [n for n, _ in gross_layers(model)]
     target: dict[str, Tensor] = {}
     actual: dict[str, Tensor] = {}
     with torch.no_grad(), _capture(original, names, target):
         _run_to(original, x)
-    with _capture(model, names, actual):
-        _run_to(model, x)
+    if run is None or run is model:
+        with _capture(model, names, actual):
+            _run_to(model, x)
+    else:
+        with _capture(model, names, actual, stop=False):
+            run(x)
     terms = [
         torch.linalg.vector_norm(actual[n] - target[n]) / torch.linalg.vector_norm(target[n]).clamp_min(1e-12)
         for n in names
@@ -861,8 +872,8 @@ def reconstruct(
         model.train(not cfg.bn_eval)
         original.train(not cfg.bn_eval)
 
-    def step(x: Tensor, y: Tensor, global_n: int) -> tuple[Tensor, Tensor, None]:
-        loss = reconstruction_loss(model, original, x, names)
+    def step(net: nn.Module, x: Tensor, y: Tensor, global_n: int) -> tuple[Tensor, Tensor, None]:
+        loss = reconstruction_loss(model, original, x, names, run=net)
         share = len(x) / global_n
         return loss * share, loss.detach() * len(x), None
 
@@ -900,8 +911,8 @@ def finetune(model: nn.Module, data: Splits, cfg: FinetuneConfig | None = None, 
         for bn in norms:
             bn.eval()
 
-    def step(x: Tensor, y: Tensor, global_n: int) -> tuple[Tensor, Tensor, Tensor]:
-        logits = model(x)
+    def step(net: nn.Module, x: Tensor, y: Tensor, global_n: int) -> tuple[Tensor, Tensor, Tensor]:
+        logits = net(x)
         loss_sum = F.cross_entropy(logits, y, reduction="sum")
         return loss_sum / global_n, loss_sum, (logits.argmax(1) == y).sum()
 
