@@ -153,7 +153,7 @@ def btd(
     group_size: int,
     *,
     width: int | None = None,
-    tol: float = 1e-6,
+    tol: float = 1e-5,
     max_iter: int = 2000,
     init: str | BTD | None = None,
     seed: int = 0,
@@ -170,8 +170,10 @@ def btd(
     width : int, optional
         ``D``: bottleneck width (default ``C_in``).
     tol : float
-        Stop when the relative error decreases by less than ``tol`` in one step (and by less
-        than 1% of itself, which only matters for nearly exact fits).
+        Stop when the objective (the relative error, times ``sqrt(1 + penalty k)``) decreases by
+        less than ``tol`` in one step (and by less than 1% of itself, which only matters for
+        nearly exact fits). The paper stops at 1e-6; on the trained paper network that took 2.6x
+        the steps of 1e-5 for a mean relative error 0.5% lower.
     max_iter : int
         Maximum number of ALS steps (each updates ``last``, ``first`` and ``core`` once).
     init : {None, "svd", "random"} or BTD
