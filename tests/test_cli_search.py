@@ -163,7 +163,7 @@ def test_latency_table_and_search_under_it(run, capsys):
     out, _ = capsys.readouterr()
     best = json.loads((folder / "search" / "best.json").read_text())
     assert best["cost"] == "latency_ms_fused" and best["evaluations"] == 6 and best["options"]["seed"] == 3
-    assert "pred. ms" in out
+    assert "pred. ms" in out and "with layers fused where the dense conv is faster" in out
     # fuse=all: every layer one dense conv, still the GroSS outputs.
     assert main(["export", *args, "--config", "conv3=2", "--fuse", "all", "--no-onnx"]) == 0
     capsys.readouterr()

@@ -62,6 +62,7 @@ from .pipeline import (
     write_config,
 )
 from .report import pareto_front
+from .search import FUSED_LATENCY, AdditiveCost
 
 __all__ = ["main", "build_parser"]
 
@@ -149,6 +150,8 @@ def format_results(ctx: Context, export_summary: dict | None = None) -> str:
     front = {r["config"] for r in pareto_front(rows, "macs", "val_accuracy")}
     shown = [r for r in rows if r["config"] in front or r["config"] in labels or r["config"] == chosen]
     table = predicted_latency(ctx, best.get("layers", []))
+    fused = best.get("cost") == FUSED_LATENCY  # chosen counting each layer at the faster of bottleneck and dense conv
+    predict = AdditiveCost.from_latency_table(table, fuse=fused) if table else None
     test = any("test_accuracy" in r for r in shown)
     head = ["configuration", "val acc %"] + (["test acc %"] if test else []) + ["MACs (M)", "params (k)"] + (["pred. ms"] if table else []) + [""]
     lines = []
@@ -166,7 +169,7 @@ def format_results(ctx: Context, export_summary: dict | None = None) -> str:
             line.append(f"{100 * r['test_accuracy']:.2f}" if "test_accuracy" in r else "")
         line += [f"{r['macs'] / 1e6:.3f}", f"{r['params'] / 1e3:.1f}" if "params" in r else ""]
         if table:
-            line.append(f"{table.cost(r['config']):.3f}")
+            line.append(f"{predict(r['config']):.3f}")
         lines.append(line + [", ".join(notes)])
     if export_summary:
         e = export_summary
@@ -174,7 +177,8 @@ def format_results(ctx: Context, export_summary: dict | None = None) -> str:
         line += [f"{e['macs']['original'] / 1e6:.3f}", f"{e['params']['original'] / 1e3:.1f}"] + ([""] if table else [])
         lines.append(line + ["the network before decomposition"])
     title = (f"{len(rows)} configurations scored on the val split; {len(front)} on the Pareto front of val accuracy "
-             f"against MACs{'; pred. ms: the latency table' + chr(39) + 's prediction' if table else ''}:")
+             f"against MACs{'; pred. ms: the latency table' + chr(39) + 's prediction' if table else ''}"
+             f"{', with layers fused where the dense conv is faster' if fused else ''}:")
     return title + "\n" + _text_table(head, lines, left={0, len(head) - 1})
 
 
