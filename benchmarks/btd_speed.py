@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 from gross import decompose, gross_layers
-from gross.btd import BTD, PENALTY, btd, conditioning
+from gross.btd import PENALTY, btd, conditioning
 from gross.models import PaperNet
 
 PAPER_LAYERS = {"conv2": (32, 32), "conv3": (64, 32), "conv4": (64, 64)}  # name: (C_out, C_in)
@@ -170,14 +170,13 @@ def series_time(weights: str, penalty: float, tol: float) -> dict:
     start = time.perf_counter()
     decompose(net, skip=["conv1"], nested=False, penalty=penalty, tol=tol, max_iter=2000)
     seconds = time.perf_counter() - start
-    fits = {f"{name}/{s}": BTD(*layer.factors(s), []) for name, layer in gross_layers(net) for s in layer.group_sizes}
-    kappas = {k: conditioning(f) for k, f in fits.items()}
+    kappas = {f"{name}/{s}": conditioning(layer.decomposition(s)) for name, layer in gross_layers(net) for s in layer.group_sizes}
     errors = {}
     for name, layer in gross_layers(net):
         w = state[f"{prefix}{name}.weight"].double()
         for s in layer.group_sizes:
             errors[f"{name}/{s}"] = float((layer.dense_weight(s).detach().double() - w).norm() / w.norm())
-    return {"tol": tol, "seconds": seconds, "fits": len(fits), "kappa_max": max(kappas.values()),
+    return {"tol": tol, "seconds": seconds, "fits": len(kappas), "kappa_max": max(kappas.values()),
             "threads": torch.get_num_threads(), "errors": errors, "kappas": kappas}
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gross import BTD, GroSSConv2d, conditioning
+from gross import GroSSConv2d, conditioning
 from gross.btd import PENALTY
 
 LAYERS = {"conv2": (32, 32), "conv3": (32, 64), "conv4": (64, 64)}  # name: (C_in, C_out)
@@ -78,7 +78,7 @@ def main() -> None:
                         "nested": nested,
                         "group_size": s,
                         "relative_error": float((layer.dense_weight(s) - weight).detach().norm()) / w_norm,
-                        "kappa": conditioning(BTD(*(f.detach() for f in factors), [])),
+                        "kappa": conditioning(layer.decomposition(s)),
                         "term_over_factor": ratio,
                         "term_core_norm_over_weight_norm": float(layer.core[i].detach().norm()) / w_norm,
                         "decompose_seconds": seconds,

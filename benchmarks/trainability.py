@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from gross import BTD, conditioning, decompose, gross_layers, search_space, set_config
+from gross import conditioning, decompose, gross_layers, search_space, set_config
 from gross.checkpoint import load_model
 from gross.config import resolve_config
 from gross.train import TrainingError, evaluate, finetune, load_splits, prepare_batches, reconstruct, reconstruction_loss
@@ -89,7 +89,7 @@ def decomposition(original, kind: str, penalty: float, btd_options: dict) -> tup
     kappas = {}
     for name, layer in gross_layers(model):
         for s in layer.group_sizes:
-            kappas[f"{name}/{s}"] = conditioning(BTD(*layer.factors(s), []))
+            kappas[f"{name}/{s}"] = conditioning(layer.decomposition(s))
     return model, {"seconds": seconds, "kappa": kappas, "kappa_max": max(kappas.values())}
 
 

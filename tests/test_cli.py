@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
+import gross
 from gross import checkpoint as ckpt
 from gross.cli import main
 from gross.config import Config, ConfigError, dump_config, parse_override, resolve_config
@@ -162,6 +163,10 @@ def test_run_writes_every_stage_and_prints_the_table(tmp_path, capsys):
     assert not (run / "evaluate").exists()
     model, meta = ckpt.load_model(run / "gross" / "model.safetensors")
     assert [s["name"] for s in meta["arch"]["layers"]] == ["conv2", "conv3", "conv4"]
+    # The decomposition records every fit's conditioning.
+    decomposed, decomposed_meta = ckpt.load_model(run / "decompose" / "model.safetensors")
+    kappa = {f"{n}/{s}": gross.conditioning(layer.decomposition(s)) for n, layer in gross.gross_layers(decomposed) for s in layer.group_sizes}
+    assert decomposed_meta["kappa"] == pytest.approx(kappa, rel=1e-3)
     # A second run finds every stage done and prints the same.
     before = (run / "gross" / "model.safetensors").stat().st_mtime_ns
     assert main(["run", *tiny_args(tmp_path)]) == 0

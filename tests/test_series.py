@@ -87,6 +87,15 @@ def test_nested_series_reproduces_each_chained_fit(penalty):
         assert all(b <= a + 1e-12 for a, b in zip(errors, errors[1:]))
 
 
+def test_decomposition_is_the_bottleneck():
+    layer = GroSSConv2d.from_conv(make_conv(CONVS["plain"]), max_iter=20)
+    for s in layer.group_sizes:
+        fit = layer.decomposition(s)
+        for a, b in zip(fit[:3], layer.factors(s)):
+            assert torch.equal(a, b) and not a.requires_grad
+        torch.testing.assert_close(btd_to_weight(fit), layer.dense_weight(s).detach())
+
+
 def test_series_terms_are_aligned_fits():
     # Each fit is rotated inside its blocks towards the previous one: same weight, same factor
     # norms per block, and a smaller difference term than the unrotated fit's.

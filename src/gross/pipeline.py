@@ -68,6 +68,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from . import __version__
+from .btd import conditioning
 from .checkpoint import CheckpointError, atomic_write, load_model, make_arch, read_meta, save_model
 from .config import Config, ConfigError, config_to_dict, dump_config
 from .data import DataError, Splits
@@ -334,9 +335,15 @@ def stage_decompose(ctx: Context, skip_done: bool = False) -> None:
             model = decompose(base, group_sizes=d.group_sizes, skip=d.skip, nested=d.nested, progress=bar, **d.btd)
         finally:
             bar.close()
-        ctx.log(f"[decompose] {len(gross_layers(model))} layers in {time.perf_counter() - start:.1f}s; space {search_space(model)}")
+        seconds = time.perf_counter() - start
+        # Large cancelling blocks (kappa >> 1) make the series diverge in training: say so here.
+        kappa = {f"{n}/{s}": conditioning(layer.decomposition(s)) for n, layer in gross_layers(model) for s in layer.group_sizes}
+        worst = max(kappa, key=kappa.get)
+        ctx.log(f"[decompose] {len(gross_layers(model))} layers in {seconds:.1f}s; space {search_space(model)}; "
+                f"largest kappa {kappa[worst]:.2f} ({worst})")
         info = _stage_info(ctx, "decompose")
-        info["seconds"] = round(time.perf_counter() - start, 3)
+        info["seconds"] = round(seconds, 3)
+        info["kappa"] = {k: round(v, 4) for k, v in kappa.items()}
         save_model(out / MODEL, model, make_arch(arch["model"], arch["kwargs"], model), info, sidecar=out / ARCH)
     ctx.barrier()
 

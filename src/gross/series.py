@@ -237,6 +237,13 @@ class GroSSConv2d(nn.Module):
             core = core + expand(self.core[i], self.group_sizes[i], s)
         return first, core, last
 
+    def decomposition(self, group_size: int | None = None) -> BTD:
+        """The bottleneck at a group size as a :class:`gross.BTD` (detached; no error history).
+
+        ``gross.conditioning(layer.decomposition(s))`` is its ``kappa``.
+        """
+        return BTD(*(t.detach() for t in self.factors(group_size)), [])
+
     def forward(self, x: Tensor) -> Tensor:
         first, core, last = self.factors()
         y = F.conv2d(x, first)
