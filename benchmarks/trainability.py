@@ -117,6 +117,23 @@ def trial(model, original, kind, stage, lr, cfg, data, val_batches, epochs) -> d
             "seconds": time.perf_counter() - start}
 
 
+def write(out: Path, settings: dict, rows: list[dict], epochs: int) -> str:
+    """The JSON and Markdown files, rewritten after every row so that a stopped run keeps its rows."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=1) + "\n")
+    paper = {("gross", "reconstruct"): 1e-4, ("gross", "finetune"): 1e-4, ("fixed", "reconstruct"): 1e-2, ("fixed", "finetune"): 1e-3}
+    paper.update({("gross-nested", stage): 1e-4 for stage in ("reconstruct", "finetune")})
+    lines = ["| penalty | network | stage | largest kappa | largest stable lr | the paper's lr |", "|" + " --- |" * 6]
+    for r in rows:
+        lr = "none" if r["largest_stable_lr"] is None else f"{r['largest_stable_lr']:g}"
+        name = {"gross": "GroSS space", "gross-nested": "nested GroSS space", "fixed": "fixed uniform 4"}[r["kind"]]
+        lines.append(f"| {r['penalty']:g} | {name} | {r['stage']} | {r['kappa_max']:.1f} | {lr} | {paper[(r['kind'], r['stage'])]:g} |")
+    table = "\n".join(lines)
+    notes = "\n".join(f"- {k}: {v}" for k, v in settings.items())
+    out.with_suffix(".md").write_text(f"# Largest stable learning rate, {epochs} epochs\n\n{notes}\n\n{table}\n")
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--weights", required=True, help="base/model.safetensors of a trained paper network")
@@ -178,20 +195,7 @@ def main() -> None:
                 rows.append({"penalty": penalty, "kind": kind, "stage": stage, "largest_stable_lr": best,
                              "kappa_max": fit["kappa_max"], "decompose_seconds": fit["seconds"], "kappa": fit["kappa"],
                              "trials": tried})
-
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=1) + "\n")
-    paper = {("gross", "reconstruct"): 1e-4, ("gross", "finetune"): 1e-4, ("fixed", "reconstruct"): 1e-2, ("fixed", "finetune"): 1e-3}
-    paper.update({("gross-nested", stage): 1e-4 for stage in ("reconstruct", "finetune")})
-    lines = ["| penalty | network | stage | largest kappa | largest stable lr | the paper's lr |", "|" + " --- |" * 6]
-    for r in rows:
-        lr = "none" if r["largest_stable_lr"] is None else f"{r['largest_stable_lr']:g}"
-        name = {"gross": "GroSS space", "gross-nested": "nested GroSS space", "fixed": "fixed uniform 4"}[r["kind"]]
-        lines.append(f"| {r['penalty']:g} | {name} | {r['stage']} | {r['kappa_max']:.1f} | {lr} | {paper[(r['kind'], r['stage'])]:g} |")
-    table = "\n".join(lines)
-    notes = "\n".join(f"- {k}: {v}" for k, v in settings.items())
-    out.with_suffix(".md").write_text(f"# Largest stable learning rate, {args.epochs} epochs\n\n{notes}\n\n{table}\n")
+                table = write(Path(args.out), settings, rows, args.epochs)
     print("\n" + table)
 
 
