@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-import gross.series
 from gross import cli
 from gross.config import Config
 
@@ -39,17 +38,7 @@ def test_the_readme_has_what_the_tests_check():
     assert len(blocks("python")) == 1 and len(command_lines()) >= 8
 
 
-def test_python_block_runs(monkeypatch, tmp_path):
-    # The block as written, but with BTD cut to a few iterations: the full fits take minutes
-    # here and check nothing more about the README (see the slow test below).
-    real = gross.series.btd
-    monkeypatch.setattr(gross.series, "btd", lambda *args, **kwargs: real(*args, **{**kwargs, "max_iter": 2}))
-    monkeypatch.chdir(tmp_path)
-    exec(compile(blocks("python")[0], "README.md", "exec"), {})
-
-
-@pytest.mark.slow
-def test_python_block_runs_as_written(tmp_path, monkeypatch):
+def test_python_block_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(blocks("python")[0], "README.md", "exec"), {})
 
