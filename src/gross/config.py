@@ -111,7 +111,7 @@ class TrainConfig(OptimConfig):
 class DecomposeConfig:
     skip: list[str] = field(default_factory=list)  # module names left alone (convs with a single possible group size, like a 3-channel input conv, are always left alone)
     group_sizes: Union[list[int], None] = None  # candidate group sizes of every layer (those dividing its width are kept); null: every power of two
-    nested: bool = False  # fit each group size warm-started from the previous one; false: independently, as the paper (the default, because warm-started fits currently come out with cores up to 50x the weight's norm, which makes SGD on the series diverge)
+    nested: bool = False  # fit each group size warm-started from the previous one (smaller difference terms); false: independently, as the paper (the default until a full experiment compares the trained spaces)
     btd: dict = field(default_factory=lambda: {"max_iter": 200})  # options of gross.btd (tol, max_iter, seed); the paper: tol 1e-6
 
 
