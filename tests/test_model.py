@@ -82,12 +82,13 @@ def test_nothing_to_decompose():
 
 def test_sample_config_is_deterministic_and_tempered():
     model = gross.decompose(small_paper_net(), max_iter=10)
-    draw = lambda seed, alpha: [
-        gross.sample_config(model, alpha, g) for g in [torch.Generator().manual_seed(seed)] for _ in range(50)
+    draw = lambda seed, alpha, form="normalised": [
+        gross.sample_config(model, alpha, g, form) for g in [torch.Generator().manual_seed(seed)] for _ in range(50)
     ]
     assert draw(3, 4.0) == draw(3, 4.0)
-    hot = draw(0, 8.0)
+    hot = draw(0, 8.0, "literal")
     assert sum(c == (1, 1, 1) for c in hot) >= 45
+    assert sum(c == (1, 1, 1) for c in draw(0, 8.0)) < 45  # normalised: the index over N
     uniform = draw(1, 0.0)
     assert len({c[2] for c in uniform}) == 5
 

@@ -210,7 +210,7 @@ def search_space(model: nn.Module) -> tuple[tuple[int, ...], ...]:
 
 
 def sample_config(
-    model: nn.Module, alpha: float = 0.0, generator: torch.Generator | None = None, form: str = "literal"
+    model: nn.Module, alpha: float = 0.0, generator: torch.Generator | None = None, form: str = "normalised"
 ) -> tuple[int, ...]:
     """Draw a configuration: each layer independently from the temperature distribution.
 

@@ -8,6 +8,12 @@ sizes 98% of the draws, which is hard to square with the paper calling ``alpha =
 balanced setting; ``form="normalised"`` uses the index over the number of sizes, ``exp(-alpha *
 i / N)`` (``alpha = 4``, ``N = 6``: 49% for the smallest size, 2% for the largest), so that
 ``alpha`` means the same for layers with different numbers of sizes.
+
+The default is the normalised form. On the 100-epoch CIFAR-10 paper network at the paper's rates
+(one seed; README), GroSS accuracy minus that of the separately trained network at uniform group
+sizes 1, 4, 16, 32 had a standard deviation of 0.69 points at normalised alpha 4 (the flattest
+profile with small gaps, as the paper reports for its alpha 4) against 2.03 at literal alpha 4,
+whose uniform-4 network scored 6 points under its separately trained one.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ __all__ = ["FORMS", "group_size_probs", "sample_index"]
 FORMS = ("literal", "normalised")
 
 
-def group_size_probs(n: int, alpha: float, form: str = "literal") -> torch.Tensor:
+def group_size_probs(n: int, alpha: float, form: str = "normalised") -> torch.Tensor:
     """Probabilities of the ``n`` group sizes of one layer, smallest first.
 
     Parameters
@@ -46,6 +52,6 @@ def group_size_probs(n: int, alpha: float, form: str = "literal") -> torch.Tenso
     return torch.softmax(logits, dim=0)
 
 
-def sample_index(n: int, alpha: float, generator: torch.Generator | None = None, form: str = "literal") -> int:
+def sample_index(n: int, alpha: float, generator: torch.Generator | None = None, form: str = "normalised") -> int:
     """Draw the index (0-based, smallest size first) of one layer's group size."""
     return int(torch.multinomial(group_size_probs(n, alpha, form), 1, generator=generator))

@@ -524,7 +524,7 @@ def _fit(
     stage: str,
     step: StepFn,
     alpha: float | None,
-    sampling: str = "literal",
+    sampling: str = "normalised",
     mode: Callable[[], None],
     eval_configs: Mapping[str, Config | None],
     device: torch.device,
