@@ -168,7 +168,7 @@ def main() -> None:
 
     settings = {
         "weights": args.weights, "config": args.config, "epochs": args.epochs, "train_images": len(data.train),
-        "val_images": args.val_images, "alpha": args.alpha, "btd": btd_options, "torch": torch.__version__,
+        "val_images": args.val_images, "alpha": args.alpha, "sampling": cfg.finetune.sampling, "btd": btd_options, "torch": torch.__version__,
         "threads": torch.get_num_threads(), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "optimiser": {"momentum": cfg.finetune.momentum, "weight_decay": cfg.finetune.weight_decay,
                       "batch_size": cfg.finetune.batch_size},
