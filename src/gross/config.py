@@ -30,7 +30,7 @@ from typing import Any, Mapping, Sequence, Union
 
 import yaml
 
-from .sampling import FORMS
+from .sampling import DEFAULT_FORM, FORMS
 
 __all__ = [
     "ConfigError",
@@ -124,7 +124,7 @@ class ReconstructConfig(OptimConfig):
     lr: float = 1e-3  # the paper: 1e-4 (GroSS), 0.01 (fixed configurations); a larger step size diverges on the series
     milestones: list[float] = field(default_factory=lambda: [0.67])  # the paper: after epoch 20 of 30
     alpha: float = 4.0  # group-size sampling temperature (0: uniform; larger: small sizes more often)
-    sampling: str = "normalised"  # p(s_i) ~ exp(-alpha i / N) ("normalised") or exp(-alpha i) ("literal", the paper's formula as written); see gross.sampling
+    sampling: str = DEFAULT_FORM  # p(s_i) ~ exp(-alpha i / N) ("normalised") or exp(-alpha i) ("literal", the paper's formula as written); see gross.sampling
     bn_eval: bool = True  # BatchNorm and dropout in eval mode (fixed statistics, deterministic targets)
 
 
@@ -137,7 +137,7 @@ class FinetuneConfig(OptimConfig):
     lr: float = 1e-3  # the paper: 1e-4 (GroSS), 1e-3 (fixed configurations)
     milestones: list[float] = field(default_factory=lambda: [0.53, 0.8])  # the paper: after epochs 80 and 120 of 150
     alpha: float = 4.0  # group-size sampling temperature; the paper: 4
-    sampling: str = "normalised"  # "normalised" (exp(-alpha i / N)) or "literal" (exp(-alpha i)); see gross.sampling
+    sampling: str = DEFAULT_FORM  # "normalised" (exp(-alpha i / N)) or "literal" (exp(-alpha i)); see gross.sampling
     bn_eval: bool = False  # BatchNorm in eval mode (running statistics frozen)
 
 
@@ -473,7 +473,7 @@ def _validate_optim(opt: OptimConfig, key: str) -> None:
         raise ConfigError(f"{key}.milestones: expected positive epochs or fractions, got {opt.milestones}")
     if opt.eval_every < 0 or opt.checkpoint_every < 0:
         raise ConfigError(f"{key}: eval_every and checkpoint_every must be >= 0")
-    sampling = getattr(opt, "sampling", "normalised")
+    sampling = getattr(opt, "sampling", DEFAULT_FORM)
     if sampling not in FORMS:
         raise ConfigError(f"{key}.sampling: expected one of {', '.join(FORMS)}, got {sampling!r}")
 

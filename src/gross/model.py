@@ -13,7 +13,7 @@ from typing import Callable, Iterable, Mapping, Sequence, Union
 import torch
 from torch import nn
 
-from .sampling import sample_index
+from .sampling import DEFAULT_FORM, sample_index
 from .series import GroSSConv2d, default_group_sizes
 
 __all__ = [
@@ -210,7 +210,7 @@ def search_space(model: nn.Module) -> tuple[tuple[int, ...], ...]:
 
 
 def sample_config(
-    model: nn.Module, alpha: float = 0.0, generator: torch.Generator | None = None, form: str = "normalised"
+    model: nn.Module, alpha: float = 0.0, generator: torch.Generator | None = None, form: str = DEFAULT_FORM
 ) -> tuple[int, ...]:
     """Draw a configuration: each layer independently from the temperature distribution.
 

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["FORMS", "group_size_probs", "sample_index"]
+__all__ = ["DEFAULT_FORM", "FORMS", "group_size_probs", "sample_index"]
 
 FORMS = ("literal", "normalised")
+DEFAULT_FORM = "normalised"  # the evidence for it is in the module notes
 
 
-def group_size_probs(n: int, alpha: float, form: str = "normalised") -> torch.Tensor:
+def group_size_probs(n: int, alpha: float, form: str = DEFAULT_FORM) -> torch.Tensor:
     """Probabilities of the ``n`` group sizes of one layer, smallest first.
 
     Parameters
@@ -52,6 +53,6 @@ def group_size_probs(n: int, alpha: float, form: str = "normalised") -> torch.Te
     return torch.softmax(logits, dim=0)
 
 
-def sample_index(n: int, alpha: float, generator: torch.Generator | None = None, form: str = "normalised") -> int:
+def sample_index(n: int, alpha: float, generator: torch.Generator | None = None, form: str = DEFAULT_FORM) -> int:
     """Draw the index (0-based, smallest size first) of one layer's group size."""
     return int(torch.multinomial(group_size_probs(n, alpha, form), 1, generator=generator))

@@ -74,6 +74,7 @@ from .data import (
     num_batches,
 )
 from .model import Config, decompose, format_config, get_config, gross_layers, sample_config, search_space, set_config
+from .sampling import DEFAULT_FORM
 from .series import GroSSConv2d
 
 __all__ = [
@@ -524,7 +525,7 @@ def _fit(
     stage: str,
     step: StepFn,
     alpha: float | None,
-    sampling: str = "normalised",
+    sampling: str = DEFAULT_FORM,
     mode: Callable[[], None],
     eval_configs: Mapping[str, Config | None],
     device: torch.device,
