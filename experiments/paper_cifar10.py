@@ -1,23 +1,28 @@
-"""The paper's CIFAR-10 experiment (METHOD.md section 8) with gross, end to end.
+"""The paper's CIFAR-10 experiment (METHOD.md section 8) with gross, end to end, over several seeds.
 
-    python experiments/paper_cifar10.py                                   # the short protocol (2 CPU cores, < 2 h)
-    python experiments/paper_cifar10.py -c experiments/paper-cifar10.yaml # the full recipe (a GPU)
+    python experiments/paper_cifar10.py                                   # the short protocol (2 CPU cores, about 3 h)
+    python experiments/paper_cifar10.py -c experiments/paper-cifar10.yaml --seeds 0 1 2 3 4   # the full recipe (a GPU)
 
-Steps, each skipped when its output exists (so a killed experiment continues where it stopped):
+One base network and one decomposition; every training after them is repeated per seed (seed k
+sets ``reconstruct.seed``, ``finetune.seed`` and ``fixed.*.seed``). Steps, each skipped when its
+output exists, so a killed experiment continues where it stopped:
 
-1. ``gross run`` with the configuration: base training, decomposition (independent series),
-   reconstruction, finetuning at the configuration's alpha, search scoring all 252
-   configurations on val and test.
-2. The same GroSS training at the other alphas (``--alphas``, default 0 4 8), sharing the base
-   network and the decomposition (run folders ``NAME-alpha0`` ...), and with the nested series
-   (``NAME-nested``, its own decomposition).
-3. ``gross fixed``: the uniform configurations 1, 4, 16, 32 and, for every alpha, the two best
-   configurations (by val accuracy in that GroSS space) within the MACs of uniform 4 and of
-   uniform 16, each decomposed, reconstructed and finetuned on its own.
-4. Test accuracy of every fixed network and of the base network; Tables 2 and 3 of the paper,
-   Figure 1 (GroSS accuracy minus the separately trained accuracy, per alpha) and the nested
-   against the independent series, written to ``--out`` as summary.json, tables.md,
-   figure1.png and series.png.
+1. ``gross run`` with the configuration, seed 0 (run folder NAME): base training, decomposition
+   (independent series), reconstruction and finetuning at the configuration's alpha and sampling
+   form, search scoring every configuration on val and test.
+2. The same GroSS training for the other seeds (``NAME-seed1`` ...), from NAME's base network and
+   decomposition.
+3. The sampling temperature: GroSS training at every alpha of ``--alphas`` under every form of
+   ``--forms`` (seed 0; ``NAME-alpha0``, ``NAME-alpha8``, ``NAME-alpha8-literal`` ...; the
+   configuration's own form has no suffix, and alpha 0 is one space under every form).
+4. ``gross fixed`` for every seed: the uniform configurations 1, 4, 16, 32 and the two best
+   configurations within the MACs of uniform 4 and of uniform 16, by val accuracy in the
+   configuration's GroSS space averaged over the seeds. Seed 0 trains into NAME/fixed/, seed k
+   into NAME-seedk/fixed/.
+5. The nested series (``NAME-nested``, its own decomposition, seed 0; ``--no-nested`` skips it).
+6. Val and test accuracy of every fixed network and of the base network; Tables 2 and 3 as
+   mean and standard deviation over the seeds, the sampling forms' evidence, Figure 1 and the
+   nested against the independent series: ``--out``/summary.json, tables.md, figure1.png, series.png.
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -36,6 +43,7 @@ import torch
 from gross.checkpoint import load_model, read_meta
 from gross.config import resolve_config
 from gross.macs import count_macs
+from gross.sampling import DEFAULT_FORM
 from gross.train import evaluate, load_splits, prepare_batches
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,6 +56,7 @@ PAPER_TABLE3 = {
 }
 UNIFORM = (1, 4, 16, 32)
 BUDGETS = (4, 16)
+FORMS = ("normalised", "literal")
 
 
 def uniform(size: int) -> str:
@@ -61,9 +70,19 @@ def gross(*args: str) -> None:
     subprocess.run(cmd, check=True, cwd=ROOT)
 
 
-def read_results(run: Path) -> dict[str, dict]:
+def space_key(alpha: float, form: str) -> str:
+    """The name of a GroSS space by its sampling temperature: alpha4, alpha8-literal, alpha0."""
+    return f"alpha{alpha:g}" + ("" if form == DEFAULT_FORM or alpha == 0 else f"-{form}")
+
+
+def read_space(run: Path) -> dict[str, dict]:
+    """A run's search/results.csv as {configuration: {val, test (%), macs}}."""
     with open(run / "search" / "results.csv", newline="") as f:
-        return {row["config"].replace(",", "-"): row for row in csv.DictReader(f)}
+        return {
+            r["config"].replace(",", "-"): {"val": round(100 * float(r["val_accuracy"]), 2), "test": round(100 * float(r["test_accuracy"]), 2),
+                                            "macs": int(r["macs"])}
+            for r in csv.DictReader(f)
+        }
 
 
 def seed_run(source: Path, target: Path, stages: tuple[str, ...]) -> None:
@@ -74,11 +93,22 @@ def seed_run(source: Path, target: Path, stages: tuple[str, ...]) -> None:
                             ignore=shutil.ignore_patterns("checkpoint.safetensors"))
 
 
-def best_within(results: dict[str, dict], budget_size: int, count: int) -> list[str]:
-    limit = int(results[uniform(budget_size)]["macs"])
-    fits = [r for r in results.values() if int(r["macs"]) <= limit]
-    fits.sort(key=lambda r: (-float(r["val_accuracy"]), int(r["macs"])))
-    return [r["config"].replace(",", "-") for r in fits[:count]]
+def best_within(spaces: list[dict[str, dict]], budget_size: int, count: int) -> list[str]:
+    """The ``count`` configurations with the highest val accuracy, averaged over ``spaces``, within uniform ``budget_size``'s MACs."""
+    macs = {c: r["macs"] for c, r in spaces[0].items()}
+    fits = [c for c in macs if macs[c] <= macs[uniform(budget_size)]]
+    mean_val = {c: statistics.fmean(s[c]["val"] for s in spaces) for c in fits}
+    return sorted(fits, key=lambda c: (-mean_val[c], macs[c]))[:count]
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (nan for one value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
+
+
+def fmt(values: list[float]) -> str:
+    m, s = mean_std(values)
+    return f"{m:.2f}" if math.isnan(s) else f"{m:.2f} ± {s:.2f}"
 
 
 def stage_seconds(run: Path) -> dict[str, float]:
@@ -99,51 +129,74 @@ def stage_seconds(run: Path) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("-c", "--config", default="experiments/paper-cifar10-short.yaml")
-    parser.add_argument("--alphas", type=float, nargs="*", default=[0.0, 4.0, 8.0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of every training after the decomposition (0 is the main run)")
+    parser.add_argument("--alphas", type=float, nargs="*", default=[0.0, 4.0, 8.0], help="sampling temperatures compared (seed 0)")
+    parser.add_argument("--forms", nargs="*", default=list(FORMS), choices=FORMS, help="sampling forms compared (seed 0)")
     parser.add_argument("--no-nested", action="store_true", help="skip the nested series")
     parser.add_argument("--out", default=None, help="default experiments/results/NAME")
     parser.add_argument("--set", action="append", default=[], help="passed to every gross call")
     args = parser.parse_args()
 
     cfg = resolve_config([ROOT / args.config], args.set)
-    name, runs = cfg.name, ROOT / cfg.runs
-    main_run = runs / name
+    if cfg.reconstruct.alpha != cfg.finetune.alpha or cfg.reconstruct.sampling != cfg.finetune.sampling:
+        sys.exit("reconstruct and finetune must sample alike (alpha and sampling) for the spaces to be named by one temperature")
+    name, runs, seeds = cfg.name, ROOT / cfg.runs, list(dict.fromkeys(args.seeds))
+    main_key = space_key(cfg.finetune.alpha, cfg.finetune.sampling)
+    if main_key != space_key(cfg.finetune.alpha, DEFAULT_FORM):
+        sys.exit(f"the configuration samples with the {cfg.finetune.sampling} form; the run names assume the default ({DEFAULT_FORM})")
     out = Path(args.out) if args.out else ROOT / "experiments" / "results" / name
     out.mkdir(parents=True, exist_ok=True)
     common = ["-c", args.config, "-q", *[a for s in args.set for a in ("--set", s)]]
     started = time.time()
 
-    # 1. The GroSS pipeline at the configuration's alpha.
-    gross("run", *common)
-    results = {cfg.finetune.alpha: read_results(main_run)}
+    def seed_folder(k: int) -> Path:
+        return runs / (name if k == 0 else f"{name}-seed{k}")
 
-    # 2. Other alphas (same base and decomposition) and the nested series.
-    nested = None
+    # 1-2. The GroSS space at the configuration's temperature, per seed.
+    gross("run", *common, "--set", "reconstruct.seed=0", "--set", "finetune.seed=0")
+    main_run = runs / name
+    spaces: dict[str, dict[str, dict]] = {main_key: {}}
+    for k in seeds:
+        run = seed_folder(k)
+        if k != 0:
+            seed_run(main_run, run, ("base", "decompose"))
+            gross("run", *common, "--name", run.name, "--set", f"reconstruct.seed={k}", "--set", f"finetune.seed={k}")
+        spaces[main_key][str(k)] = read_space(run)
+
+    # 3. Other temperatures (seed 0, same base and decomposition).
     for alpha in args.alphas:
-        if alpha == cfg.finetune.alpha:
-            continue
-        run = runs / f"{name}-alpha{alpha:g}"
-        seed_run(main_run, run, ("base", "decompose"))
-        gross("run", *common, "--name", run.name, "--set", f"reconstruct.alpha={alpha}", "--set", f"finetune.alpha={alpha}")
-        results[alpha] = read_results(run)
+        for form in args.forms:
+            key = space_key(alpha, form)
+            if key in spaces:
+                continue
+            run = runs / f"{name}-{key}"
+            seed_run(main_run, run, ("base", "decompose"))
+            gross("run", *common, "--name", run.name, *[a for s in ("reconstruct", "finetune")
+                                                          for a in ("--set", f"{s}.alpha={alpha}", "--set", f"{s}.sampling={form}")])
+            spaces[key] = {"0": read_space(run)}
+
+    # 4. Fixed configurations, every seed: the uniform ones and the two best within each budget.
+    main_spaces = list(spaces[main_key].values())
+    found = {f"uniform:{b}": best_within(main_spaces, b, 2) for b in BUDGETS}
+    found_per_seed = {k: {f"uniform:{b}": best_within([s], b, 2) for b in BUDGETS} for k, s in spaces[main_key].items()}
+    fixed = list(dict.fromkeys([uniform(s) for s in UNIFORM] + [c for b in found.values() for c in b]))
+    diverged: dict[str, list[int]] = {}
+    for c in fixed:
+        for k in seeds:  # one call each, so that one diverging network does not stop the others
+            try:
+                gross("fixed", *common, "--name", seed_folder(k).name, "--config", c.replace("-", ","),
+                      "--set", f"fixed.reconstruct.seed={k}", "--set", f"fixed.finetune.seed={k}")
+            except subprocess.CalledProcessError:
+                diverged.setdefault(c, []).append(k)
+
+    # 5. The nested series.
     if not args.no_nested:
         run = runs / f"{name}-nested"
         seed_run(main_run, run, ("base",))
         gross("run", *common, "--name", run.name, "--set", "decompose.nested=true")
-        nested = read_results(run)
+        spaces["nested"] = {"0": read_space(run)}
 
-    # 3. Fixed configurations: the uniform ones and, for every alpha, the two best within each budget.
-    found = {a: {b: best_within(r, b, 2) for b in BUDGETS} for a, r in results.items()}
-    fixed = [uniform(s) for s in UNIFORM] + [c for a in found for b in BUDGETS for c in found[a][b]]
-    fixed = list(dict.fromkeys(fixed))
-    diverged = []
-    for c in fixed:  # one call each, so that one diverging network does not stop the others
-        try:
-            gross("fixed", *common, "--config", c.replace("-", ","))
-        except subprocess.CalledProcessError:
-            diverged.append(c)
-
-    # 4. Test (and val) accuracy of the fixed networks and the base network.
+    # 6. Val and test accuracy of the fixed networks and the base network.
     splits = load_splits(cfg.data)
     shape = tuple(splits.test.images.shape[1:])
     batches = {s: prepare_batches(getattr(splits, s), cfg.data.eval_batch_size, "cpu", cfg.channels_last) for s in ("val", "test")}
@@ -157,95 +210,144 @@ def main() -> None:
         return row
 
     base = score(main_run / "base" / "model.safetensors")
-    fixed_scores = {c: score(main_run / "fixed" / c / "gross" / "model.safetensors") for c in fixed if c not in diverged}
-
-    def space(rows: dict[str, dict]) -> dict[str, dict]:
-        """results.csv rows as accuracies in % and MACs, by configuration."""
-        return {c: {"val": round(100 * float(r["val_accuracy"]), 2), "test": round(100 * float(r["test_accuracy"]), 2),
-                    "macs": int(r["macs"])} for c, r in rows.items()}
+    fixed_scores: dict[str, dict] = {}
+    for c in fixed:
+        per_seed = {str(k): score(seed_folder(k) / "fixed" / c / "gross" / "model.safetensors") for k in seeds if k not in diverged.get(c, [])}
+        if per_seed:
+            fixed_scores[c] = {"macs": next(iter(per_seed.values()))["macs"],
+                               **{s: {k: r[s] for k, r in per_seed.items()} for s in ("val", "test")}}
 
     summary = {
         "config": args.config,
         "overrides": args.set,
         "recipe": cfg.recipe,
+        "seeds": seeds,
+        "main_space": main_key,  # the configuration's temperature; the other spaces ran with seed 0 only
         "base": base,
-        "fixed": fixed_scores,
+        "fixed": fixed_scores,  # {configuration: {macs, val: {seed: %}, test: {seed: %}}}
         "fixed_diverged": diverged,  # training stopped on a non-finite loss (gross fixed's message above)
-        "found": {f"alpha{a:g}": {f"uniform:{b}": found[a][b] for b in BUDGETS} for a in found},
-        "gross": {f"alpha{a:g}": space(r) for a, r in results.items()} | ({"nested": space(nested)} if nested else {}),
+        "found": found,  # by val accuracy averaged over the main space's seeds
+        "found_per_seed": found_per_seed,  # what the search of each seed's space alone picks
+        "gross": spaces,  # {space: {seed: {configuration: {val, test, macs}}}}
         # Runs seeded from the main run list its base (and decomposition) seconds again.
         "stage_seconds": {p.name: stage_seconds(p) for p in sorted(runs.glob(f"{name}*")) if p.is_dir()},
-        "fixed_stage_seconds": {c: stage_seconds(main_run / "fixed" / c) for c in fixed if c not in diverged},
+        "fixed_stage_seconds": {f"{c}/seed{k}": stage_seconds(seed_folder(k) / "fixed" / c) for c in fixed_scores for k in fixed_scores[c]["test"]},
         "seconds_this_call": round(time.time() - started, 1),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    (out / "tables.md").write_text(tables(summary, cfg.finetune.alpha))
-    figures(summary, out, cfg.finetune.alpha)
+    (out / "tables.md").write_text(tables(summary))
+    figures(summary, out)
     print(f"wrote {out}/summary.json, tables.md, figure1.png, series.png")
 
 
-def tables(s: dict, alpha: float) -> str:
-    g = s["gross"][f"alpha{alpha:g}"]
-    fx = s["fixed"]
+def gaps(s: dict, key: str, split: str) -> dict[str, float]:
+    """GroSS minus trained alone (percentage points) per retrained configuration: each averaged over its seeds."""
+    space = s["gross"][key]
+    return {c: statistics.fmean(space[k][c][split] for k in space) - statistics.fmean(f[split].values())
+            for c, f in s["fixed"].items()}
+
+
+def paired(s: dict, a: str, b: str) -> list[float]:
+    """Per-seed differences of the trained-alone test accuracy of configurations a and b (seeds both have)."""
+    ta, tb = s["fixed"][a]["test"], s["fixed"][b]["test"]
+    return [ta[k] - tb[k] for k in ta if k in tb]
+
+
+def verdict(diffs: list[float]) -> str:
+    """A difference smaller than its spread over the seeds is no difference."""
+    m, sd = mean_std(diffs)
+    if math.isnan(sd) or abs(m) <= sd:
+        return "no difference"
+    return "better" if m > 0 else "worse"
+
+
+def tables(s: dict) -> str:
+    main, fx, n = s["main_space"], s["fixed"], len(s["seeds"])
+    g = s["gross"][main]
+
+    def inside(c: str, split: str = "test") -> list[float]:
+        return [g[k][c][split] for k in g]
+
     lines = [
-        "Table 2: test accuracy (%) of the base network and the fixed uniform configurations, each trained on its own;",
-        "MACs counted analytically (every conv and linear layer).",
+        f"Seeds: {s['seeds']}. Accuracies in %, mean ± sample standard deviation over the seeds; MACs counted analytically.",
         "",
-        "| network | test acc | val acc | MACs (M) | same configuration inside GroSS (test) | paper (median) |",
-        "| --- | --- | --- | --- | --- | --- |",
-        f"| full | {s['base']['test']:.2f} | {s['base']['val']:.2f} | {s['base']['macs'] / 1e6:.3f} | - | {PAPER_TABLE2['full']:.2f} |",
+        f"Table 2: the base network and the uniform configurations trained on their own; the same configurations inside the GroSS space ({main}).",
+        "",
+        "| network | MACs (M) | trained alone, test | trained alone, val | inside GroSS, test | GroSS - alone, test | paper: alone (GroSS) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+        f"| full | {s['base']['macs'] / 1e6:.3f} | {s['base']['test']:.2f} | {s['base']['val']:.2f} | - | - | {PAPER_TABLE2['full']:.2f} |",
     ]
     for size in sorted(UNIFORM, reverse=True):
         c = uniform(size)
-        lines.append(f"| fixed {size} | {fx[c]['test']:.2f} | {fx[c]['val']:.2f} | {fx[c]['macs'] / 1e6:.3f} | {g[c]['test']:.2f} | {PAPER_TABLE2[str(size)]:.2f} |")
-    for key_alpha in s["found"]:
-        g = s["gross"][key_alpha]
-        lines += [
-            "",
-            f"Table 3 ({key_alpha.replace('alpha', 'alpha ')}): the two best configurations (val accuracy inside GroSS) within each budget, retrained on their own.",
-            "",
-            "| budget | configuration | MACs (M) | GroSS test acc | trained on its own (test) | vs. the uniform one | paper: configuration, GroSS, own, vs. uniform |",
-            "| --- | --- | --- | --- | --- | --- | --- |",
-        ]
-        for b in sorted(BUDGETS, reverse=True):
-            key = f"uniform:{b}"
-            uni = uniform(b)
-            paper = PAPER_TABLE3[key]
-            for i, c in enumerate(s["found"][key_alpha][key]):
-                p = paper["rows"][i]
-                if c not in fx:
-                    lines.append(f"| {key} | {c} | {g[c]['macs'] / 1e6:.3f} | {g[c]['test']:.2f} | diverged | - | {p[0]}, {p[1]:.2f}, {p[2]:.2f}, {p[3]:+.2f} |")
-                    continue
-                lines.append(
-                    f"| {key} (fixed {fx[uni]['test']:.2f}; in GroSS {g[uni]['test']:.2f}) | {c} | {g[c]['macs'] / 1e6:.3f} | {g[c]['test']:.2f} | "
-                    f"{fx[c]['test']:.2f} | {fx[c]['test'] - fx[uni]['test']:+.2f} | {p[0]}, {p[1]:.2f}, {p[2]:.2f}, {p[3]:+.2f} |"
-                )
+        paper_g = PAPER_TABLE3.get(f"uniform:{size}", {}).get("gross_uniform")
+        paper = f"{PAPER_TABLE2[str(size)]:.2f}" + (f" ({paper_g:.2f})" if paper_g else "")
+        gap = [g[k][c]["test"] - fx[c]["test"][k] for k in g if k in fx[c]["test"]]
+        lines.append(f"| uniform {size} | {fx[c]['macs'] / 1e6:.3f} | {fmt(list(fx[c]['test'].values()))} | {fmt(list(fx[c]['val'].values()))} | "
+                     f"{fmt(inside(c))} | {fmt(gap)} | {paper} |")
     lines += [
         "",
-        "GroSS accuracy minus the separately trained accuracy (test, percentage points), per alpha (Figure 1):",
+        f"Table 3: the two best configurations within each budget (val accuracy inside GroSS, {main}, averaged over the seeds), retrained on their own",
+        "with every seed. The margin is the per-seed difference from the uniform configuration trained alone with the same seed;",
+        "a margin within its standard deviation is reported as no difference.",
         "",
-        "| configuration | MACs (M) | fixed | " + " | ".join(k for k in s["gross"]) + " |",
-        "| --- | --- | --- | " + " | ".join("---" for _ in s["gross"]) + " |",
+        "| budget | configuration | MACs (M) | inside GroSS, test | trained alone, test | margin over uniform | verdict | paper: configuration, GroSS, alone, margin |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for c in sorted(fx, key=lambda c: fx[c]["macs"]):
-        cells = [f"{s['gross'][k][c]['test'] - fx[c]['test']:+.2f}" for k in s["gross"]]
-        lines.append(f"| {c} | {fx[c]['macs'] / 1e6:.3f} | {fx[c]['test']:.2f} | " + " | ".join(cells) + " |")
+    for b in sorted(BUDGETS, reverse=True):
+        key, uni = f"uniform:{b}", uniform(b)
+        paper = PAPER_TABLE3[key]
+        lines.append(f"| {key} | {uni} | {fx[uni]['macs'] / 1e6:.3f} | {fmt(inside(uni))} | {fmt(list(fx[uni]['test'].values()))} | - | - | "
+                     f"uniform, {paper['gross_uniform']:.2f}, {paper['uniform']:.2f}, - |")
+        for i, c in enumerate(s["found"][key]):
+            p = paper["rows"][i]
+            ref = f"{p[0]}, {p[1]:.2f}, {p[2]:.2f}, {p[3]:+.2f}"
+            if c not in fx:
+                lines.append(f"| {key} | {c} | - | {fmt(inside(c))} | diverged | - | - | {ref} |")
+                continue
+            d = paired(s, c, uni)
+            m, sd = mean_std(d)
+            lines.append(f"| {key} | {c} | {fx[c]['macs'] / 1e6:.3f} | {fmt(inside(c))} | {fmt(list(fx[c]['test'].values()))} | "
+                         f"{m:+.2f} ± {sd:.2f} | {verdict(d)} | {ref} |")
+    picks = "; ".join(f"seed {k}: " + ", ".join(f"{b} {' '.join(v)}" for b, v in per.items()) for k, per in s["found_per_seed"].items())
+    lines += ["", f"Each seed's space searched alone picks: {picks}."]
+
     configs = sorted(fx, key=lambda c: fx[c]["macs"])
-    cells = [f"{spearman([s['gross'][k][c]['test'] for c in configs], [fx[c]['test'] for c in configs]):.2f}" for k in s["gross"]]
-    lines.append("| Spearman rank correlation with the separately trained accuracy | | | " + " | ".join(cells) + " |")
-    lines += ["", "Every GroSS space (test accuracy %, all 252 configurations):", "",
-              "| space | mean | min | max | uniform 1 | uniform 4 | uniform 16 | uniform 32 | best val within uniform:4 | best val within uniform:16 |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for k, rows in s["gross"].items():
-        tests = [r["test"] for r in rows.values()]
-        best = []
-        for b in BUDGETS:
-            limit = rows[uniform(b)]["macs"]
-            c = max((c for c in rows if rows[c]["macs"] <= limit), key=lambda c: (rows[c]["val"], -rows[c]["macs"]))
-            best.append(f"{c}: {rows[c]['test']:.2f}")
-        uni = " | ".join(f"{rows['-'.join([str(u)] * 3)]['test']:.2f}" for u in UNIFORM)
-        lines.append(f"| {k} | {sum(tests) / len(tests):.2f} | {min(tests):.2f} | {max(tests):.2f} | {uni} | {best[0]} | {best[1]} |")
+    lines += [
+        "",
+        "The sampling temperature: GroSS minus trained alone per retrained configuration (percentage points; GroSS averaged over the",
+        f"space's seeds, trained alone over {n} seeds), its spread across configurations, and the rank agreement (the paper: flattest at alpha 4).",
+        "",
+        "| space | seeds | " + " | ".join(configs) + " | mean (test) | std across configurations (test) | Spearman (test) | std (val) | Spearman (val) |",
+        "| --- | --- | " + " | ".join("---" for _ in configs) + " | --- | --- | --- | --- | --- |",
+    ]
+    for key in s["gross"]:
+        space = s["gross"][key]
+        row = [f"| {key} | {len(space)} |"]
+        gt, gv = gaps(s, key, "test"), gaps(s, key, "val")
+        row += [f" {gt[c]:+.2f} |" for c in configs]
+        row.append(f" {statistics.fmean(gt.values()):+.2f} | {statistics.stdev(gt.values()):.2f} | {rank_agreement(s, key, 'test'):.2f} |"
+                   f" {statistics.stdev(gv.values()):.2f} | {rank_agreement(s, key, 'val'):.2f} |")
+        lines.append("".join(row))
+
+    lines += ["", "Every GroSS space (test %, all configurations; per seed):", "",
+              "| space | seed | mean | min | max | uniform 1 | uniform 4 | uniform 16 | uniform 32 | best val within uniform:4 | best val within uniform:16 |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for key, per_seed in s["gross"].items():
+        for k, rows in per_seed.items():
+            tests = [r["test"] for r in rows.values()]
+            best = [best_within([rows], b, 1)[0] for b in BUDGETS]
+            uni = " | ".join(f"{rows[uniform(u)]['test']:.2f}" for u in UNIFORM)
+            lines.append(f"| {key} | {k} | {statistics.fmean(tests):.2f} | {min(tests):.2f} | {max(tests):.2f} | {uni} | "
+                         + " | ".join(f"{c}: {rows[c]['test']:.2f}" for c in best) + " |")
     return "\n".join(lines) + "\n"
+
+
+def rank_agreement(s: dict, key: str, split: str) -> float:
+    """Spearman correlation of GroSS accuracy (mean over the space's seeds) and trained-alone accuracy (mean over seeds)."""
+    space, configs = s["gross"][key], list(s["fixed"])
+    inside = [statistics.fmean(space[k][c][split] for k in space) for c in configs]
+    alone = [statistics.fmean(s["fixed"][c][split].values()) for c in configs]
+    return spearman(inside, alone)
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -259,7 +361,7 @@ def spearman(a: list[float], b: list[float]) -> float:
     return float((ra * rb).sum() / (ra.norm() * rb.norm()))
 
 
-def figures(s: dict, out: Path, alpha: float) -> None:
+def figures(s: dict, out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -267,31 +369,44 @@ def figures(s: dict, out: Path, alpha: float) -> None:
 
     fx = s["fixed"]
     configs = sorted(fx, key=lambda c: fx[c]["macs"])
-    alphas = [k for k in s["gross"] if k.startswith("alpha")]
-    fig, ax = plt.subplots(figsize=(8, 3.8))
-    width = 0.8 / len(alphas)
-    for j, k in enumerate(alphas):
-        diffs = [s["gross"][k][c]["test"] - fx[c]["test"] for c in configs]
-        ax.bar([i + (j - (len(alphas) - 1) / 2) * width for i in range(len(configs))], diffs, width, label=k.replace("alpha", "alpha = "))
-    ax.axhline(0, color="black", lw=0.8)
-    ax.set_xticks(range(len(configs)), [f"{c}\n{fx[c]['macs'] / 1e6:.2f}M" for c in configs], fontsize=8)
-    ax.set_ylabel("GroSS - trained alone (test acc, pp)")
-    ax.set_title("Figure 1: accuracy inside the GroSS space relative to separate training")
-    ax.legend(fontsize=8)
+    panels = [(form, [k for k in s["gross"] if k.startswith("alpha") and (k.endswith(f"-{form}") or k == "alpha0"
+                                                                            or (form == DEFAULT_FORM and "-" not in k))])
+              for form in FORMS]
+    panels = [(form, keys) for form, keys in panels if len(keys) > 1 or form == DEFAULT_FORM]
+    fig, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels), 4), sharey=True, squeeze=False)
+    for ax, (form, keys) in zip(axes[0], panels):
+        keys.sort(key=lambda k: float(k.split("-")[0][5:]))
+        width = 0.8 / len(keys)
+        for j, key in enumerate(keys):
+            space = s["gross"][key]
+            # Each seed's gap against the trained-alone network of the same seed; a one-seed space
+            # is compared with every trained-alone seed, so its bar carries their spread.
+            per_seed = [[space.get(k, space["0"])[c]["test"] - fx[c]["test"][k] for k in fx[c]["test"]] for c in configs]
+            mean = [statistics.fmean(v) for v in per_seed]
+            err = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in per_seed]
+            label = f"alpha = {key.split('-')[0][5:]}" + (f" ({len(space)} seeds)" if len(space) > 1 else "")
+            ax.bar([i + (j - (len(keys) - 1) / 2) * width for i in range(len(configs))], mean, width, yerr=err, capsize=2, label=label)
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_xticks(range(len(configs)), [f"{c}\n{fx[c]['macs'] / 1e6:.2f}M" for c in configs], fontsize=7)
+        ax.set_title(f"{form} sampling" + (" (chosen)" if form == DEFAULT_FORM else ""), fontsize=10)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("GroSS - trained alone (test acc, pp)")
+    fig.suptitle(f"Figure 1: accuracy inside GroSS relative to separate training ({len(s['seeds'])} seeds trained alone; bars: std over seeds)")
     fig.tight_layout()
     fig.savefig(out / "figure1.png", dpi=120)
     plt.close(fig)
 
-    spaces = [k for k in (f"alpha{alpha:g}", "nested") if k in s["gross"]]
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for k in spaces:
-        rows = s["gross"][k].values()
-        label = "independent series" if k.startswith("alpha") else "nested series"
-        ax.scatter([r["macs"] / 1e6 for r in rows], [r["test"] for r in rows], s=9, alpha=0.6, label=f"{label} (alpha {alpha:g})")
-    ax.scatter([fx[c]["macs"] / 1e6 for c in configs], [fx[c]["test"] for c in configs], marker="*", s=80, color="black", label="trained alone")
+    for key, label in ((s["main_space"], "independent series"), ("nested", "nested series")):
+        if key in s["gross"]:
+            rows = s["gross"][key]["0"].values()
+            ax.scatter([r["macs"] / 1e6 for r in rows], [r["test"] for r in rows], s=9, alpha=0.6, label=f"{label} (seed 0)")
+    stats = [mean_std(list(fx[c]["test"].values())) for c in configs]
+    ax.errorbar([fx[c]["macs"] / 1e6 for c in configs], [m for m, _ in stats], yerr=[0 if math.isnan(sd) else sd for _, sd in stats],
+                fmt="*", ms=10, color="black", capsize=3, label="trained alone (mean ± std)")
     ax.set_xlabel("MACs (M)")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Every configuration of the GroSS space")
+    ax.set_title(f"Every configuration of the GroSS space ({s['main_space']})")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "series.png", dpi=120)

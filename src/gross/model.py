@@ -64,7 +64,7 @@ def decompose(
     model: nn.Module,
     group_sizes: GroupSizes = None,
     skip: Iterable[str] = (),
-    nested: bool = True,
+    nested: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
     **btd_options,
 ) -> nn.Module:

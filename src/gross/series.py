@@ -123,7 +123,7 @@ class GroSSConv2d(nn.Module):
         cls,
         conv: nn.Conv2d,
         group_sizes: Sequence[int] | None = None,
-        nested: bool = True,
+        nested: bool = False,
         width: int | None = None,
         **btd_options,
     ) -> "GroSSConv2d":
@@ -137,8 +137,9 @@ class GroSSConv2d(nn.Module):
             Default: every power of two dividing the width.
         nested : bool
             Fit each size warm-started from the previous (expanded) one, so each difference
-            term only adds what the smaller sizes missed. ``False`` decomposes every size
-            independently, as the paper did.
+            term only adds what the smaller sizes missed. ``False`` (the default, as the paper)
+            decomposes every size independently; the nested series was not better after
+            training (README, "Conditioning and learning rates").
         width : int, optional
             Bottleneck width ``D``; default ``conv.in_channels``.
         **btd_options
