@@ -6,6 +6,7 @@ import csv
 import importlib.util
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -69,7 +70,7 @@ def test_search_export_report_write_their_files(run, capsys):
     summary = json.loads((export / "summary.json").read_text())
     assert summary["config"] == best["best"]["config"] and summary["source"] == "search" and summary["fused"] == []
     assert (export / "net.safetensors").is_file() and (export / "net.json").is_file()
-    assert "MACs (M)" in out and "latency (ms, cpu, batch 1)" in out and str(export) in out
+    assert "MACs (M)" in out and "latency (ms, end to end, torch, batch 1, 1 thread, cpu)" in out and str(export) in out
     # The test accuracy of the chosen network is shown (never used to choose).
     assert set(summary["test_accuracy"]) == {"original", "exported"} and "test acc %" in out
     if ONNX:
@@ -154,11 +155,16 @@ def test_latency_table_and_search_under_it(run, capsys):
     assert best["limit"] == pytest.approx(table["rest_ms"] + sum(o["dense"] for o in options))
     assert "at group size" in out and "dense conv" in out  # why each layer was fused or kept
     assert "original" in out and "chosen by latency" in out and "measured ms" in out
-    # Again: the table is reused, the search takes its scores, the export is replaced.
-    code = main(["latency", *args, "--max-ms", str(best["limit"])])
+    # Again at the same batch size: the table is reused, the search takes its scores, the export is replaced.
+    code = main(["latency", *args, "--batch-size", "2", "--max-ms", str(best["limit"])])
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "[latency] using" in err and "(0 scored now)" in err
+    # Searching by it for another batch size (the configured 1) is refused; at batch 2 it is used.
+    assert main(["search", *args, "--latency"]) == 1
+    assert "latency/table.json does not fit search.cost: latency: it was measured with torch, batch 2, 1 thread, cpu, " \
+           "not torch, batch 1, 1 thread, cpu" in error_line(capsys.readouterr().err)
+    args += ["--set", "latency.batch_size=2"]
     assert main(["search", *args, "--latency", "--budget", "none", "--strategy", "evolution", "--max-evaluations", "6", "--seed", "3"]) == 0
     out, _ = capsys.readouterr()
     best = json.loads((folder / "search" / "best.json").read_text())
@@ -223,3 +229,50 @@ def test_missing_onnx_extras_are_skipped_with_a_message(run, capsys, monkeypatch
     assert (folder / "report.md").is_file() and f"report: {folder / 'report.md'}" in out
     assert "net.onnx skipped: onnx and onnxscript not installed (pip install 'gross[export]')" in out
     assert not (folder / "export" / "net.onnx").exists()
+
+
+@pytest.mark.skipif(not (ONNX and importlib.util.find_spec("onnxruntime")), reason="needs gross[export]")
+def test_latency_on_onnxruntime_is_recorded_and_never_reused_elsewhere(run, capsys):
+    args, folder = run
+    assert main(["search", *args]) == 0 and main(["export", *args, "--no-onnx"]) == 0  # the choice by MACs, timed with torch
+    capsys.readouterr()
+    code = main(["latency", *args, "--runtime", "onnxruntime", "--batch-size", "2", "--repeats", "2"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    setup = "onnxruntime, batch 2, 1 thread, cpu"
+    table = json.loads((folder / "latency" / "table.json").read_text())
+    assert {k: table["meta"][k] for k in ("runtime", "batch_size", "threads", "device")} == {
+        "runtime": "onnxruntime", "batch_size": 2, "threads": 1, "device": "cpu"}
+    assert f"each as its own ONNX graph, with {setup}" in err and f"ms per layer and group size with {setup}" in out
+    assert f"measured with {setup}" in err  # the search's budget names where it was measured
+    source = json.loads((folder / "latency" / "search" / "source.json").read_text())
+    assert source["latency_setup"] == {"runtime": "onnxruntime", "batch_size": 2, "threads": 1, "device": "cpu"}
+    # The choice is measured end to end on the same runtime and batch, beside MACs and parameters.
+    summary = json.loads((folder / "latency" / "export" / "summary.json").read_text())
+    assert summary["latency_setup"] == {"runtime": "onnxruntime", "batch_size": 2, "threads": 1, "device": "cpu", "repeats": 2}
+    assert all(summary["latency_ms"][k] > 0 for k in ("original", "exported"))
+    assert f"latency (ms, end to end, {setup})" in out and "params (k)" in out
+    # report.md: each network with where it was measured; the original once per setup.
+    report = (folder / "report.md").read_text()
+    assert "| measured with |" in report and f"| {setup} |" in report and "| torch, batch 1, 1 thread, cpu |" in report
+    assert report.count("| original | - |") == 2
+    # Another runtime or batch size never uses the table silently: refused, or measured again.
+    assert main(["export", *args, "--config", "1,1,1", "--fuse", "auto", "--no-onnx", "--force"]) == 1
+    assert (f"latency/table.json does not fit export.fuse: auto: it was measured with {setup}, not torch, batch 1, 1 thread, cpu"
+            in error_line(capsys.readouterr().err))
+    assert main(["latency", *args, "--batch-size", "2", "--repeats", "2"]) == 0
+    err = capsys.readouterr().err
+    assert f"it was measured with {setup}, not torch, batch 2, 1 thread, cpu; measuring it again" in err
+    assert json.loads((folder / "latency" / "table.json").read_text())["meta"]["runtime"] == "torch"
+
+
+def test_onnxruntime_missing_is_one_line_and_the_rest_works(run, capsys, monkeypatch):
+    args, folder = run
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` now raises ImportError
+    for command in (["latency", "--runtime", "onnxruntime"], ["export", "--config", "1,2,4", "--runtime", "onnxruntime"]):
+        assert main([*command, *args]) == 1
+        assert ("the onnxruntime runtime needs onnxruntime, onnx, onnxscript and onnxruntime is not installed: "
+                "pip install 'gross[export]'") in error_line(capsys.readouterr().err)
+    assert not (folder / "latency").exists() and not (folder / "export").exists()
+    assert main(["latency", *args, "--repeats", "2"]) == 0  # torch needs nothing more
+    assert "net.onnx not checked: onnxruntime not installed" in capsys.readouterr().out

@@ -1,7 +1,10 @@
-"""Latency tables: structure, costs and JSON (timings are noisy, so never their values)."""
+"""Latency tables: structure, costs, JSON and runtimes (timings are noisy, so never their values)."""
 
+import copy
 import json
+import sys
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -10,12 +13,17 @@ import gross
 from gross.latency import (
     DENSE,
     LatencyTable,
+    _Fed,
+    _Rest,
     compare_latency,
+    describe_setup,
+    latency_setup,
     latency_table,
     measure_latency,
     normalize_choice,
 )
 from gross.models import PaperNet
+from gross.runtime import RuntimeMissing, check_runtime, forward_fn
 
 FAST = dict(warmup=1, repeats=2, block_ms=0.05)
 
@@ -143,3 +151,88 @@ def test_measure_and_compare_latency():
     times = compare_latency(nets, (3, 8, 8), batch_size=2, **FAST)
     assert set(times) == {"a", "b"} and all(t > 0 for t in times.values())
     assert measure_latency(nets["a"], (3, 8, 8), **FAST) > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Runtimes: where the table was measured, and onnxruntime
+
+
+def tiny_net() -> nn.Module:
+    """One GroSS layer with two group sizes inside a small network: few ONNX graphs to export."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(64, 2))
+    return gross.decompose(net, group_sizes=(1, 4), skip=["0"], max_iter=2).eval()
+
+
+def test_the_table_header_records_where_it_was_measured(small_net, tmp_path):
+    threads = torch.get_num_threads()
+    table = latency_table(small_net, (3, 32, 32), batch_size=3, threads=threads + 1, **FAST)
+    assert torch.get_num_threads() == threads  # set for the timing only
+    assert table.setup == {"runtime": "torch", "batch_size": 3, "threads": threads + 1, "device": "cpu"}
+    assert table.meta["runtime_version"] == torch.__version__
+    table.save(tmp_path / "t.json")
+    loaded = LatencyTable.load(tmp_path / "t.json")
+    assert loaded == table and loaded.setup == table.setup
+    same = latency_setup("torch", 3, threads + 1, "cpu")
+    assert loaded.mismatch(same) is None
+    for other in ({"batch_size": 64}, {"runtime": "onnxruntime"}, {"threads": threads + 2}, {"device": "cuda:0"}):
+        why = loaded.mismatch({**same, **other})
+        assert why == f"it was measured with {describe_setup(table.setup)}, not {describe_setup({**same, **other})}"
+    assert describe_setup(latency_setup("onnxruntime", 64, 2)) == "onnxruntime, batch 64, 2 threads, cpu"
+
+
+def test_a_table_from_before_runtimes_were_recorded_is_torch():
+    table = hand_table()  # meta {"device": "cpu"} only, as version-1 tables measured by torch
+    assert table.setup == {"runtime": "torch", "batch_size": None, "threads": None, "device": "cpu"}
+    assert table.mismatch(latency_setup("torch", 1, 1)) is not None  # unknown batch size: never taken as a match
+
+
+def test_onnxruntime_missing_is_one_clear_error(small_net, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` now raises ImportError
+    with pytest.raises(RuntimeMissing, match=r"needs onnxruntime, onnx, onnxscript and onnxruntime is not installed: pip install 'gross\[export\]'"):
+        latency_table(small_net, (3, 32, 32), runtime="onnxruntime", **FAST)
+    with pytest.raises(RuntimeMissing):
+        measure_latency(nn.Conv2d(3, 4, 3), (3, 8, 8), runtime="onnxruntime", **FAST)
+    assert latency_table(small_net, (3, 32, 32), **FAST).setup["runtime"] == "torch"  # torch needs nothing more
+
+
+def test_runtime_is_checked():
+    with pytest.raises(ValueError, match="unknown latency runtime 'tvm'"):
+        check_runtime("tvm")
+    with pytest.raises(ValueError, match="onnxruntime runtime times on the CPU"):
+        check_runtime("onnxruntime", "cuda")
+
+
+def test_onnx_graphs_give_the_torch_outputs():
+    pytest.importorskip("onnxruntime")
+    net = tiny_net()
+    layer = net[2]
+    x = torch.randn(2, 4, 4, 4)
+    with torch.no_grad():
+        for module in (layer.bottleneck(1), layer.bottleneck(4), layer.dense_conv(4)):
+            (got,) = forward_fn(module.eval(), (x,), "onnxruntime", 1)()
+            np.testing.assert_allclose(got, module(x).numpy(), rtol=1e-4, atol=1e-5)
+        # The rest: the network with the GroSS layer's output fed in, and its input given out.
+        y = torch.randn(2, 4, 4, 4)
+        rest = copy.deepcopy(net)
+        fed = _Fed()
+        rest[2] = fed
+        inputs = (torch.randn(2, 3, 4, 4), y)
+        expected = (net[5](net[4](net[3](y))), net[1](net[0](inputs[0])))
+        got = forward_fn(_Rest(rest, [fed]).eval(), inputs, "onnxruntime", 1)()
+        for a, b in zip(got, expected, strict=True):
+            np.testing.assert_allclose(a, b.numpy(), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(forward_fn(_Rest(rest, [fed]).eval(), inputs, "torch", 1)(), expected)
+
+
+def test_latency_table_on_onnxruntime(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    net = tiny_net()
+    table = latency_table(net, (3, 4, 4), batch_size=2, runtime="onnxruntime", threads=1, **FAST)
+    assert table.layers == ("2",) and set(table.options[0]) == {1, 4, DENSE} and table.rest > 0
+    assert table.setup == {"runtime": "onnxruntime", "batch_size": 2, "threads": 1, "device": "cpu"}
+    assert table.meta["runtime_version"] == ort.__version__
+    table.save(tmp_path / "t.json")
+    assert LatencyTable.load(tmp_path / "t.json").setup == table.setup
+    times = compare_latency({"a": gross.export(net, (1,)), "b": gross.export(net, (4,))}, (3, 4, 4), runtime="onnxruntime", **FAST)
+    assert set(times) == {"a", "b"} and all(t > 0 for t in times.values())

@@ -39,7 +39,7 @@ def test_a_slower_export_is_said_plainly_in_the_report(tmp_path):
     summary["latency_ms"] = {"original": 1.0, "exported": 2.0}
     path.write_text(json.dumps(summary))
     note = pipeline.slower_note(ctx, summary)
-    assert note.startswith(f"The exported network {'-'.join(map(str, summary['config']))} is 2.00x slower than the original on cpu at batch 1, although it has ")
+    assert note.startswith(f"The exported network {'-'.join(map(str, summary['config']))} is 2.00x slower than the original with torch, batch 1, 1 thread, cpu, although it has ")
     assert "`gross latency --name lib` chooses by measured latency instead" in note
     report = pipeline.stage_report(ctx).read_text()
     assert note in report and "| chosen by MACs" in report and "2.00x slower (timed together) |" in report

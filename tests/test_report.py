@@ -43,8 +43,10 @@ def test_write_report_files_and_tables(tmp_path):
         data,
         tmp_path,
         networks=[
-            {"network": "original", "config": ("-",), "val_acc": 0.9, "macs": 5e6, "ms": 2.0, "versus": ""},
-            {"network": "exported", "config": (1, 2, 2), "val_acc": 0.8, "macs": 2e6, "ms": 0.5, "versus": "4.00x faster"},
+            {"network": "original", "config": ("-",), "val_acc": 0.9, "macs": 5e6, "params": 12000, "ms": 2.0,
+             "setup": "onnxruntime, batch 64, 2 threads, cpu", "versus": ""},
+            {"network": "exported", "config": (1, 2, 2), "val_acc": 0.8, "macs": 2e6, "params": 3000, "ms": 0.5,
+             "setup": "onnxruntime, batch 64, 2 threads, cpu", "versus": "4.00x faster"},
         ],
         notes=["The exported network is faster."],
         layer_names=["conv2", "conv3", "conv4"],
@@ -59,7 +61,10 @@ def test_write_report_files_and_tables(tmp_path):
     # Uniform configurations are found by default, and their costs are the budgets.
     assert "| uniform 4 | 4 4 4 |" in text and "| uniform 8 | 8 8 8 |" in text
     assert "| uniform 1 (<= 1.000) | 1 1 1 |" in text
-    assert "| exported | 1 2 2 | 0.8 | 2.000 | 0.5 | 4.00x faster |" in text and "\nThe exported network is faster.\n" in text
+    # Measured end to end, beside MACs and parameters, naming where.
+    assert "| network | config | val acc | MACs (M) | params | measured ms (end to end) | measured with | against the original |" in text
+    assert "| exported | 1 2 2 | 0.8 | 2.000 | 3.0k | 0.5 | onnxruntime, batch 64, 2 threads, cpu | 4.00x faster |" in text
+    assert "\nThe exported network is faster.\n" in text
     assert "test acc" in text and "latency (ms)" in text
 
 

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from . import __version__
 from .checkpoint import atomic_write, load_model
 from .config import Config, dump_config, resolve_config
-from .latency import DENSE, LatencyTable
+from .latency import DENSE, LatencyTable, describe_setup
 from .model import format_config, gross_layers, parse_config
 from .pipeline import (
     EXPORT_DIR,
@@ -62,6 +62,7 @@ from .pipeline import (
     write_config,
 )
 from .report import pareto_front
+from .runtime import RUNTIMES
 from .search import FUSED_LATENCY, AdditiveCost
 
 __all__ = ["main", "build_parser"]
@@ -98,7 +99,9 @@ def format_latency(table: LatencyTable) -> str:
     lines = [[name, *[f"{options[c]:.4f}" if c in options else "" for c in choices]] for name, options in zip(table.layers, table.options)]
     lines.append(["rest", f"{table.rest:.4f}"] + [""] * (len(choices) - 1))
     meta = table.meta
-    title = f"ms per layer and group size on {meta.get('device_name', meta.get('device', '?'))}, batch {meta.get('batch_size', '?')}:"
+    version = f" {meta['runtime_version']}" if "runtime_version" in meta else ""
+    title = (f"ms per layer and group size with {describe_setup(table.setup)} "
+             f"({table.setup['runtime']}{version} on {meta.get('device_name', meta.get('device', '?'))}):")
     return title + "\n" + _text_table(head, lines)
 
 
@@ -115,7 +118,7 @@ def format_export(ctx: Context, summary: dict, folder: str = EXPORT_DIR) -> str:
     lines += [
         ["MACs (M)", f"{m['original'] / 1e6:.3f}", f"{m['exported'] / 1e6:.3f}", ratio(m["original"], m["exported"], "fewer", "more")],
         ["params (k)", f"{p['original'] / 1e3:.1f}", f"{p['exported'] / 1e3:.1f}", ratio(p["original"], p["exported"], "fewer", "more")],
-        [f"latency (ms, {setup['device']}, batch {setup['batch_size']})", f"{ms['original']:.3f}", f"{ms['exported']:.3f}",
+        [f"latency (ms, end to end, {describe_setup(setup)})", f"{ms['original']:.3f}", f"{ms['exported']:.3f}",
          ratio(ms["original"], ms["exported"], "faster", "slower")],
     ]
     text = [f"exported {format_config(summary['config'])} ({source}{fused}) -> {out}",
@@ -125,7 +128,7 @@ def format_export(ctx: Context, summary: dict, folder: str = EXPORT_DIR) -> str:
     if summary["onnx"].get("note"):
         text.append(summary["onnx"]["note"])
     if summary.get("fuse_times"):
-        text.append(f"fuse auto, by the latency table ({setup['device']}, batch {setup['batch_size']}):")
+        text.append(f"fuse auto, by the latency table ({describe_setup(setup)}):")
         for name, t in summary["fuse_times"].items():
             fused = name in summary["fused"]
             why = "the dense conv is faster: one dense conv, same outputs" if fused else "the bottleneck is faster: kept"
@@ -139,8 +142,9 @@ def format_export(ctx: Context, summary: dict, folder: str = EXPORT_DIR) -> str:
 def format_networks(rows: Sequence[dict]) -> str:
     """The original network and the exported choices, measured (:func:`gross.pipeline.measured_networks`)."""
     lines = [[r["network"], format_config(r["config"]) if r["config"] != ("-",) else "-", f"{100 * r['val_acc']:.2f}",
-              f"{r['macs'] / 1e6:.3f}", f"{r['ms']:.3f}", r["versus"]] for r in rows]
-    return _text_table(["network", "configuration", "val acc %", "MACs (M)", "measured ms", ""], lines, left={0, 1, 5})
+              f"{r['macs'] / 1e6:.3f}", f"{r['params'] / 1e3:.1f}", f"{r['ms']:.3f}", r["setup"], r["versus"]] for r in rows]
+    head = ["network", "configuration", "val acc %", "MACs (M)", "params (k)", "measured ms", "measured with", ""]
+    return _text_table(head, lines, left={0, 1, 6, 7})
 
 
 def format_results(ctx: Context, export_summary: dict | None = None) -> str:
@@ -176,9 +180,9 @@ def format_results(ctx: Context, export_summary: dict | None = None) -> str:
         line = ["original", f"{100 * e['val_accuracy']['original']:.2f}"] + ([""] if test else [])
         line += [f"{e['macs']['original'] / 1e6:.3f}", f"{e['params']['original'] / 1e3:.1f}"] + ([""] if table else [])
         lines.append(line + ["the network before decomposition"])
+    predicted = f"; pred. ms: the latency table's prediction ({describe_setup(table.setup)})" if table else ""
     title = (f"{len(rows)} configurations scored on the val split; {len(front)} on the Pareto front of val accuracy "
-             f"against MACs{'; pred. ms: the latency table' + chr(39) + 's prediction' if table else ''}"
-             f"{', with layers fused where the dense conv is faster' if fused else ''}:")
+             f"against MACs{predicted}{', with layers fused where the dense conv is faster' if fused else ''}:")
     return title + "\n" + _text_table(head, lines, left={0, len(head) - 1})
 
 
@@ -261,7 +265,8 @@ SEARCH_HELP = """search:
   search.max_configs (5000) fit, else beam.
 
   Cost: MACs of one image, or with --latency the predicted ms of a latency table measured by
-  `gross latency` on the device the network will run on.
+  `gross latency` on the runtime, batch size and device the network will run on (the latency.*
+  settings, threads and device must match the table's).
 """
 
 
@@ -317,18 +322,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, metavar="S", help="evolution: seed (default 0)")
     g.add_argument("--max-configs", type=int, metavar="N", help="exhaustive: most configurations scored (default 5000; auto: beam above it)")
 
-    p = sub.add_parser("latency", help="choose by measured latency on this device, beside the choice by MACs (-> latency/)",
+    p = sub.add_parser("latency", help="choose by measured latency where the network will run, beside the choice by MACs (-> latency/)",
                        description=_wrap("Time every GroSS layer of the finetuned network at every group size, as the three convs it "
-                       "exports to, and as the original dense conv, plus the rest of the network, on the run's device (--device), "
-                       "into latency/table.json (kept when it exists; --force measures again). Then search for the most accurate "
+                       "exports to, and as the original dense conv, plus the rest of the network, on a runtime (--runtime: torch "
+                       "eager, or onnxruntime, each as its own small ONNX graph in an InferenceSession) at a batch size "
+                       "(--batch-size) with the run's threads (--set threads=N) on its device (--device), into "
+                       "latency/table.json, which records all four (kept when it exists and was measured the same way; "
+                       "measured again otherwise or with --force). Then search for the most accurate "
                        "configuration within a latency budget (--max-ms; default: the original network's predicted latency), each "
                        "layer costing the faster of its bottleneck and the dense conv (latency/search/), export it with those "
                        "layers fused (latency/export/), and print it beside the network chosen by MACs (export/) and the "
-                       "original, with val accuracy, MACs and measured ms; report.md gets the same table. `gross search "
-                       "--latency` and `gross export --fuse auto` use the table too."),
+                       "original, with val accuracy, MACs, parameters and latency measured end to end on the same runtime and "
+                       "batch size; report.md gets the same table. `gross search --latency` and `gross export --fuse auto` use "
+                       "the table too, and refuse one measured on another runtime, batch size, thread count or device."),
                        epilog=SET_HELP, formatter_class=fmt)
     _common(p, stage=False, force_help="measure the latency table again")
     p.add_argument("--max-ms", type=float, metavar="X", help="latency budget in predicted ms (default: the original network's)")
+    p.add_argument("--runtime", choices=RUNTIMES, help="where to time: torch (eager) or onnxruntime (needs gross[export]; "
+                   "default latency.runtime, torch)")
     p.add_argument("--batch-size", type=int, metavar="B", help="images per timed forward pass (default latency.batch_size, 1)")
     p.add_argument("--repeats", type=int, metavar="N", help="timed samples per candidate (default latency.repeats, 25)")
     p.add_argument("--out", type=Path, metavar="TABLE.json", help="write here (default search.latency_table: RUN/latency/table.json)")
@@ -336,18 +347,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="the plain network at one configuration (-> export/)",
                        description=_wrap("Export the finetuned GroSS network at one configuration as standard convs: "
                        "export/net.safetensors + net.json (load with gross.load), net.onnx (checked against torch with "
-                       "onnxruntime when installed), summary.json. Prints MACs, parameters, val accuracy and measured latency of "
-                       "the exported network against the original one."), epilog=SET_HELP, formatter_class=fmt)
+                       "onnxruntime when installed), summary.json. Prints MACs, parameters, val accuracy and latency measured end to "
+                       "end on --runtime at --batch-size of the exported network against the original one."),
+                       epilog=SET_HELP, formatter_class=fmt)
     _common(p, stage=False)
     which = p.add_mutually_exclusive_group()
     which.add_argument("--config", metavar="SIZES", help="2,32,64 (by position; 0: the original dense conv) or conv2=2,... "
                        "(other layers at their largest size)")
     which.add_argument("--best", action="store_true", help="the search's best, from search/best.json (the default unless export.config is set)")
     p.add_argument("--fuse", choices=["auto", "none", "all"], help="bottlenecks exported as one dense conv of the same outputs: none "
-                   "(default export.fuse), auto (where the latency table says the dense conv is faster on this device; measured when "
-                   "missing) or all")
+                   "(default export.fuse), auto (where the latency table says the dense conv is faster on this runtime and device; "
+                   "measured when missing) or all")
     p.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=None, help="write net.onnx (default export.onnx, yes)")
     p.add_argument("--opset", type=int, metavar="N", help="ONNX opset (default export.opset, 18)")
+    p.add_argument("--runtime", choices=RUNTIMES, help="runtime of the latency comparison: torch or onnxruntime (default latency.runtime, torch)")
     p.add_argument("--batch-size", type=int, metavar="B", help="batch size of the latency comparison (default latency.batch_size, 1)")
 
     p = sub.add_parser("report", help="report.md and plots of the search (and export)",
@@ -408,13 +421,12 @@ def _flag_overrides(args: argparse.Namespace) -> list[dict]:
             search["test"] = True
         out.append({"search": search})
     elif args.command == "latency":
-        latency = {k: getattr(args, k) for k in ("batch_size", "repeats") if getattr(args, k) is not None}
+        latency = {k: getattr(args, k) for k in ("runtime", "batch_size", "repeats") if getattr(args, k) is not None}
         out.append({"latency": latency})
     elif args.command == "export":
         export = {k: getattr(args, k) for k in ("fuse", "onnx", "opset") if getattr(args, k) is not None}
         out.append({"export": export})
-        if args.batch_size is not None:
-            out.append({"latency": {"batch_size": args.batch_size}})
+        out.append({"latency": {k: getattr(args, k) for k in ("runtime", "batch_size") if getattr(args, k) is not None}})
     return out
 
 

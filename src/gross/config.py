@@ -30,6 +30,7 @@ from typing import Any, Mapping, Sequence, Union
 
 import yaml
 
+from .runtime import RUNTIMES
 from .sampling import DEFAULT_FORM, FORMS
 
 __all__ = [
@@ -191,8 +192,12 @@ class SearchConfig:
 
 @dataclass
 class LatencyConfig:
-    """Measured latency on the run's device: the table of gross latency and export's comparison."""
+    """Measured latency where the network will run: the table of gross latency and export's comparison.
 
+    Timed with the run's ``threads`` (intra-op threads of either runtime) on its ``device``.
+    """
+
+    runtime: str = "torch"  # torch (eager) or onnxruntime (ONNX graphs in an InferenceSession on the CPU; needs gross[export])
     batch_size: int = 1  # images per timed forward pass
     repeats: int = 25  # timed samples per candidate (the median is kept)
 
@@ -456,6 +461,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("search.max_configs, beam_width and max_evaluations must be >= 1 and search.population >= 2")
     if cfg.latency.batch_size < 1 or cfg.latency.repeats < 1:
         raise ConfigError("latency.batch_size and latency.repeats must be >= 1")
+    if cfg.latency.runtime not in RUNTIMES:
+        raise ConfigError(f"latency.runtime: expected one of {', '.join(RUNTIMES)}, got {cfg.latency.runtime!r}")
     if cfg.export.fuse not in ("auto", "none", "all"):
         raise ConfigError(f"export.fuse: expected auto, none or all, got {cfg.export.fuse!r}")
     if cfg.export.opset < 17:

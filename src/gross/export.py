@@ -29,6 +29,7 @@ from torch import nn
 from .latency import DENSE, Choice, LatencyTable, normalize_choice
 from .model import Config, _replace, gross_layers
 from .models import MODELS, build_model
+from .runtime import onnx_program
 from .series import GroSSConv2d
 
 __all__ = ["export", "save", "load", "export_onnx", "ARCH_ATTR", "EXPORT_ATTR"]
@@ -407,7 +408,8 @@ def export_onnx(
     """Write an exported (plain) network as one self-contained ONNX file, traced in eval mode.
 
     Uses torch's ``torch.export``-based exporter (``dynamo=True``, the default since torch 2.9;
-    the TorchScript one is deprecated). It implements opset 18; an older ``opset`` (>= 17) is
+    the TorchScript one is deprecated) through :func:`gross.runtime.onnx_program`, as the
+    onnxruntime latency runtime does. It implements opset 18; an older ``opset`` (>= 17) is
     reached by the ONNX version converter. Weights are stored inside the file, so models over
     2 GB are out of reach.
 
@@ -437,21 +439,9 @@ def export_onnx(
     if dynamic_batch and shape[0] == 1:
         # torch.export specialises a size-1 dimension to a constant, so trace a free batch at 2.
         shape = (2,) + shape[1:]
-    net = copy.deepcopy(exported).eval()
-    param = next(net.parameters(), None)
+    param = next(exported.parameters(), None)
     factory = {"device": param.device, "dtype": param.dtype} if param is not None else {}
-    x = torch.randn(shape, **factory)
-    program = torch.onnx.export(
-        net,
-        (x,),
-        dynamo=True,
-        opset_version=opset,
-        input_names=["input"],
-        output_names=["output"],
-        dynamic_shapes=({0: torch.export.Dim("batch")},) if dynamic_batch else None,
-        external_data=False,
-        verbose=False,
-    )
+    program = onnx_program(exported, (torch.randn(shape, **factory),), opset=opset, dynamic_batch=dynamic_batch)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     program.save(str(path), external_data=False)

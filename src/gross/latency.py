@@ -1,4 +1,4 @@
-"""Measured latency per layer and group size, on the current device: a cost for the search.
+"""Measured latency per layer and group size, on one runtime and device: a cost for the search.
 
 Fewer MACs is not faster everywhere: a depthwise bottleneck (group size 1) can be several times
 slower than the dense conv it replaces on a CPU at a large batch, while a wide layer at batch 1
@@ -9,19 +9,29 @@ configuration (:meth:`LatencyTable.cost`) then predicts the exported network's l
 building or timing it, so a search can rank millions of configurations by it.
 
 The remainder ("rest") is timed directly: the whole network with every GroSS layer replaced by
-a module that returns that layer's recorded output, i.e. every conv, norm, activation, pooling
-and linear layer that the configuration does not change, with the GroSS layers costing nothing.
-Subtracting the table from a timed whole network instead would fold timing noise of several
-layers into one number and can even go negative.
+a module that returns that layer's recorded output, fed in as an extra input of the forward
+pass, i.e. every conv, norm, activation, pooling and linear layer that the configuration does
+not change, with the GroSS layers costing nothing. Subtracting the table from a timed whole
+network instead would fold timing noise of several layers into one number and can even go
+negative.
+
+Latency depends on where the network runs (:mod:`gross.runtime`): ``runtime="torch"`` times
+torch eager, ``runtime="onnxruntime"`` each candidate as its own small ONNX graph in an
+onnxruntime ``InferenceSession``, as exported networks are deployed. A table records its
+runtime, batch size, thread count and device (:attr:`LatencyTable.setup`); one measured on
+another setup predicts the wrong thing, so :meth:`LatencyTable.mismatch` says how it differs
+and its users refuse or remeasure it.
 
 What the table cannot see: interactions between layers (caches warmed by the previous layer,
-memory allocation patterns, kernels that a graph compiler would fuse). Timing each candidate
+memory allocation patterns, kernels that a graph compiler such as onnxruntime's fuses across a
+layer boundary). Timing each candidate
 alone on a hot cache favours small layers a little; ``benchmarks/latency_table.py`` measures how
 well the table's sum ranks whole exported networks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -30,18 +40,22 @@ import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Hashable, Mapping, Sequence, TypeVar, Union
+from typing import Callable, Hashable, Iterator, Mapping, Sequence, TypeVar, Union
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from .model import _replace, gross_layers
+from .runtime import RUNTIMES, check_runtime, forward_fn
 
 __all__ = [
     "DENSE",
+    "RUNTIMES",
     "Choice",
     "LatencyTable",
+    "latency_setup",
+    "describe_setup",
     "latency_table",
     "measure_latency",
     "compare_latency",
@@ -54,6 +68,31 @@ K = TypeVar("K", bound=Hashable)
 
 _FORMAT = "gross-latency-table"
 _VERSION = 1
+SETUP_KEYS = ("runtime", "batch_size", "threads", "device")  # what a latency depends on besides the network
+
+
+def latency_setup(
+    runtime: str = "torch", batch_size: int = 1, threads: int | None = None, device: torch.device | str = "cpu"
+) -> dict:
+    """Where a latency is measured: ``{"runtime", "batch_size", "threads", "device"}``.
+
+    ``threads`` defaults to torch's current intra-op thread count (``torch.get_num_threads``),
+    which the onnxruntime runtime then uses too, so that both runtimes get the same cores.
+    """
+    return {"runtime": runtime, "batch_size": int(batch_size), "threads": _threads(threads), "device": str(torch.device(device))}
+
+
+def _threads(threads: int | None) -> int:
+    return int(threads) if threads is not None else torch.get_num_threads()
+
+
+def describe_setup(setup: Mapping) -> str:
+    """``"onnxruntime, batch 64, 2 threads, cpu"``; a setup from before runtimes were recorded is torch."""
+    threads = setup.get("threads")
+    text = f"{setup.get('runtime', 'torch')}, batch {setup.get('batch_size', '?')}"
+    if threads is not None:
+        text += f", {threads} thread{'' if threads == 1 else 's'}"
+    return f"{text}, {setup.get('device', '?')}"
 
 
 def normalize_choice(entry: object) -> Choice:
@@ -92,7 +131,8 @@ class LatencyTable:
     input_shapes : tuple of tuple of int
         Per layer: the ``(N, C, H, W)`` input it was timed with.
     meta : dict
-        Device, batch size, torch version, threads, timing settings (JSON-ready).
+        Runtime and its version, device, batch size, threads, torch version, timing settings
+        (JSON-ready).
     """
 
     layers: tuple[str, ...]
@@ -113,6 +153,27 @@ class LatencyTable:
                 raise ValueError(f"layer {name!r} needs finite non-negative times, got {options}")
         if not (math.isfinite(self.rest) and self.rest >= 0):
             raise ValueError(f"rest must be a finite non-negative time, got {self.rest}")
+
+    @property
+    def setup(self) -> dict:
+        """Runtime, batch size, threads and device it was measured on (see :func:`latency_setup`).
+
+        Tables written before the runtime was recorded were measured with torch.
+        """
+        return {key: self.meta.get(key, "torch" if key == "runtime" else None) for key in SETUP_KEYS}
+
+    def mismatch(self, setup: Mapping) -> str | None:
+        """None when the table was measured on ``setup``; else a sentence saying how they differ.
+
+        Parameters
+        ----------
+        setup : dict
+            From :func:`latency_setup`: where the table's predictions are about to be used.
+        """
+        mine = self.setup
+        if all(mine[key] == setup.get(key) for key in SETUP_KEYS):
+            return None
+        return f"it was measured with {describe_setup(mine)}, not {describe_setup(setup)}"
 
     @property
     def has_dense(self) -> bool:
@@ -286,19 +347,37 @@ def _device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
-def _meta(device: torch.device, batch_size: int, warmup: int, repeats: int, block_ms: float, quantile: float) -> dict:
+def _meta(setup: Mapping, warmup: int, repeats: int, block_ms: float, quantile: float) -> dict:
+    if setup["runtime"] == "onnxruntime":
+        import onnxruntime
+
+        version = onnxruntime.__version__
+    else:
+        version = torch.__version__
     return {
-        "device": str(device),
-        "device_name": _device_name(device),
-        "batch_size": batch_size,
+        **setup,
+        "runtime_version": version,
+        "device_name": _device_name(torch.device(setup["device"])),
         "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
         "interop_threads": torch.get_num_interop_threads(),
         "warmup": warmup,
         "repeats": repeats,
         "block_ms": block_ms,
         "quantile": quantile,
     }
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op threads set to ``threads`` for the block, then restored."""
+    before = torch.get_num_threads()
+    if threads != before:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 def _placement(model: nn.Module, device: torch.device | str | None) -> tuple[torch.device, torch.dtype]:
@@ -317,15 +396,39 @@ def _sample_shape(input_shape: Sequence[int], batch_size: int) -> tuple[int, ...
     return (batch_size,) + shape
 
 
-class _Recorded(nn.Module):
-    """Stands in for a GroSS layer while the rest of the network is timed: returns its output."""
+class _Fed(nn.Module):
+    """Stands in for a GroSS layer while the rest of the network is timed: returns what it is fed."""
 
-    def __init__(self, output: Tensor) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.output = output
+        self.output: Tensor | None = None
+        self.received: Tensor | None = None
 
     def forward(self, x: Tensor) -> Tensor:
+        self.received = x
         return self.output
+
+
+class _Rest(nn.Module):
+    """A network whose GroSS layers are :class:`_Fed`: ``forward(x, *outputs)``, one output per layer.
+
+    Returns the network's output and then the input each GroSS layer received. The layers'
+    outputs are graph inputs rather than stored tensors, because onnxruntime folds constants:
+    every op between a constant and the next GroSS layer would run once, at load time. Their
+    inputs are graph outputs because nothing else consumes them: dead-code elimination would
+    drop the ops that compute them (the whole network before the first GroSS layer).
+    """
+
+    def __init__(self, net: nn.Module, fed: Sequence[_Fed]) -> None:
+        super().__init__()
+        self.net = net
+        self.fed = list(fed)  # a plain list: they are registered inside net already
+
+    def forward(self, x: Tensor, *outputs: Tensor) -> tuple[Tensor, ...]:
+        for stand_in, output in zip(self.fed, outputs):
+            stand_in.output = output
+        y = self.net(x)
+        return (y, *(stand_in.received for stand_in in self.fed))
 
 
 def latency_table(
@@ -334,19 +437,22 @@ def latency_table(
     *,
     batch_size: int = 1,
     device: torch.device | str | None = None,
+    runtime: str = "torch",
+    threads: int | None = None,
     warmup: int = 5,
     repeats: int = 25,
     block_ms: float = 1.0,
     quantile: float = 0.5,
     include_dense: bool = True,
 ) -> LatencyTable:
-    """Time every GroSS layer at every group size (and dense), and the rest, on one device.
+    """Time every GroSS layer at every group size (and dense), and the rest, on one runtime and device.
 
     Each layer is timed as its exported bottleneck (:meth:`GroSSConv2d.bottleneck`: three plain
     convs, not the GroSS forward, which also sums the difference terms) on the input it received
     in one forward pass of the whole network; the dense choice is :meth:`GroSSConv2d.dense_conv` at the
-    largest group size. Timing runs in eval mode under ``torch.inference_mode``, with the current
-    thread settings (``torch.set_num_threads``), on a copy of ``model``.
+    largest group size. With ``runtime="onnxruntime"`` each of these modules, and the rest, is
+    exported as its own small ONNX graph and timed in an ``InferenceSession``. Timing runs in
+    eval mode (under ``torch.inference_mode`` for torch) on a copy of ``model``.
 
     Parameters
     ----------
@@ -356,7 +462,12 @@ def latency_table(
         One sample's shape.
     batch_size : int
     device : torch.device or str, optional
-        Default: the device of the model's parameters.
+        Default: the device of the model's parameters. onnxruntime times on the CPU only.
+    runtime : {"torch", "onnxruntime"}
+        Where the network will run (:mod:`gross.runtime`); onnxruntime needs ``gross[export]``.
+    threads : int, optional
+        Intra-op threads of either runtime (torch's are set for the timing and restored).
+        Default: torch's current ``torch.get_num_threads()``.
     warmup : int
         Untimed calls per candidate, before timing (also used to size the timed blocks).
     repeats : int
@@ -373,9 +484,17 @@ def latency_table(
     Returns
     -------
     LatencyTable
+        Its ``meta`` records the runtime, batch size, threads and device (:attr:`LatencyTable.setup`).
+
+    Raises
+    ------
+    gross.runtime.RuntimeMissing
+        For ``runtime="onnxruntime"`` without onnxruntime, onnx and onnxscript installed.
     """
     shape = _sample_shape(input_shape, batch_size)
     device, dtype = _placement(model, device)
+    check_runtime(runtime, device)
+    setup = latency_setup(runtime, batch_size, threads, device)
     net = copy.deepcopy(model).to(device).eval()
     layers = gross_layers(net)
     if not layers:
@@ -402,16 +521,19 @@ def latency_table(
     rest = ("rest",)
     fns: dict[tuple, Callable[[], object]] = {}
     for name, layer in layers:
-        x = recorded[name][0]
+        x = (recorded[name][0],)
         for s in layer.group_sizes:
-            fns[("layer", name, s)] = _call(layer.bottleneck(s).eval(), x)
+            fns[("layer", name, s)] = forward_fn(layer.bottleneck(s).eval(), x, runtime, setup["threads"])
         if include_dense:
-            fns[("layer", name, DENSE)] = _call(layer.dense_conv(layer.group_sizes[-1]).eval(), x)
+            fns[("layer", name, DENSE)] = forward_fn(layer.dense_conv(layer.group_sizes[-1]).eval(), x, runtime, setup["threads"])
+    fed = []
     for name, _ in layers:
         # Only now that every candidate is built: the copy loses its GroSS layers here.
-        _replace(net, name, _Recorded(recorded[name][1]))
-    fns[rest] = _call(net, torch.randn(shape, device=device, dtype=dtype))
-    with torch.inference_mode():
+        fed.append(_Fed())
+        _replace(net, name, fed[-1])
+    inputs = (torch.randn(shape, device=device, dtype=dtype), *(recorded[name][1] for name, _ in layers))
+    fns[rest] = forward_fn(_Rest(net, fed).eval(), inputs, runtime, setup["threads"])
+    with _torch_threads(setup["threads"]), torch.inference_mode():
         times = _bench(
             fns, warmup=warmup, repeats=repeats, block_ms=block_ms, quantile=quantile, sync=_synchronizer(device)
         )
@@ -421,13 +543,8 @@ def latency_table(
         options=tuple({key[2]: t for key, t in times.items() if key[1:2] == (name,)} for name in names),
         rest=times[rest],
         input_shapes=tuple(tuple(recorded[name][0].shape) for name in names),
-        meta=_meta(device, batch_size, warmup, repeats, block_ms, quantile),
+        meta=_meta(setup, warmup, repeats, block_ms, quantile),
     )
-
-
-def _call(module: nn.Module, x: Tensor) -> Callable[[], object]:
-    # A function, not a lambda in the loop: each closure must keep its own module and input.
-    return lambda: module(x)
 
 
 def compare_latency(
@@ -436,6 +553,8 @@ def compare_latency(
     *,
     batch_size: int = 1,
     device: torch.device | str | None = None,
+    runtime: str = "torch",
+    threads: int | None = None,
     warmup: int = 5,
     repeats: int = 25,
     block_ms: float = 1.0,
@@ -444,28 +563,31 @@ def compare_latency(
     """ms per forward pass (median by default) of several whole networks, timed round-robin.
 
     Timing the networks in turns, not one after the other, keeps drift in machine load from
-    favouring whichever ran first. Runs in eval mode under ``torch.inference_mode`` on copies.
+    favouring whichever ran first. Runs in eval mode on copies: torch under
+    ``torch.inference_mode``, onnxruntime on each network's ONNX graph at this batch size.
 
     Parameters
     ----------
     models : dict key -> nn.Module
     input_shape : (C, H, W)
-    batch_size, device, warmup, repeats, block_ms, quantile
+    batch_size, device, runtime, threads, warmup, repeats, block_ms, quantile
         As in :func:`latency_table`; ``device`` defaults to each model's parameter device.
     """
     shape = _sample_shape(input_shape, batch_size)
+    threads = _threads(threads)
     fns: dict[K, Callable[[], object]] = {}
     devices = set()
-    with torch.inference_mode():
-        for key, model in models.items():
-            dev, dtype = _placement(model, device)
-            devices.add(dev)
-            net = copy.deepcopy(model).to(dev).eval()
-            fns[key] = _call(net, torch.randn(shape, device=dev, dtype=dtype))
+    for key, model in models.items():
+        dev, dtype = _placement(model, device)
+        devices.add(dev)
         if len(devices) > 1:
             raise ValueError(f"the models sit on several devices {sorted(map(str, devices))}; pass device=")
-        sync = _synchronizer(devices.pop()) if devices else (lambda: None)
-        return _bench(fns, warmup=warmup, repeats=repeats, block_ms=block_ms, quantile=quantile, sync=sync)
+        check_runtime(runtime, dev)
+        net = copy.deepcopy(model).to(dev).eval()
+        fns[key] = forward_fn(net, (torch.randn(shape, device=dev, dtype=dtype),), runtime, threads)
+    dev = devices.pop() if devices else torch.device("cpu")
+    with _torch_threads(threads), torch.inference_mode():
+        return _bench(fns, warmup=warmup, repeats=repeats, block_ms=block_ms, quantile=quantile, sync=_synchronizer(dev))
 
 
 def measure_latency(
@@ -474,6 +596,8 @@ def measure_latency(
     *,
     batch_size: int = 1,
     device: torch.device | str | None = None,
+    runtime: str = "torch",
+    threads: int | None = None,
     warmup: int = 5,
     repeats: int = 25,
     block_ms: float = 1.0,
@@ -485,6 +609,8 @@ def measure_latency(
         input_shape,
         batch_size=batch_size,
         device=device,
+        runtime=runtime,
+        threads=threads,
         warmup=warmup,
         repeats=repeats,
         block_ms=block_ms,

@@ -18,7 +18,7 @@ or one stage at a time on a :class:`Context` (``pipeline.context(cfg)``). The ru
     reconstruct/  model.safetensors arch.json metrics.jsonl     gross reconstruct
     gross/        model.safetensors arch.json metrics.jsonl     gross finetune (the trained space)
     search/       results.csv best.json uniform.csv source.json gross search
-    latency/      table.json                                    gross latency (or export --fuse auto)
+    latency/      table.json                                    gross latency (or export --fuse auto), on latency.runtime
     latency/search/  latency/export/                            gross latency: the choice by measured latency
     export/       net.safetensors net.json net.onnx summary.json  gross export
     report.md     pareto.png front_group_sizes.png [latency.png]  gross report
@@ -52,13 +52,11 @@ import importlib.util
 import io
 import itertools
 import json
-import logging
 import math
 import os
 import shutil
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -75,7 +73,7 @@ from .data import DataError, Splits
 from .export import export_onnx
 from .export import load as load_export
 from .export import save as save_export
-from .latency import DENSE, LatencyTable, compare_latency, latency_table
+from .latency import DENSE, LatencyTable, compare_latency, describe_setup, latency_setup, latency_table
 from .macs import count_macs, macs_table
 from .model import (
     batchnorm_state,
@@ -91,6 +89,7 @@ from .model import (
 )
 from .models import build_model
 from .report import read_results, write_report
+from .runtime import RuntimeMissing, check_runtime
 from .search import FUSED_LATENCY, AdditiveCost, feasible_configs, macs_cost, resolve_budget, uniform_config
 from .search import search as run_search
 from .train import (
@@ -151,7 +150,7 @@ class StageError(RuntimeError):
     """A stage cannot run (its input is missing, its output exists); the message says what to do."""
 
 
-USER_ERRORS = (StageError, ConfigError, DataError, CheckpointError, TrainingError, ValueError)
+USER_ERRORS = (StageError, ConfigError, DataError, CheckpointError, TrainingError, ValueError, RuntimeMissing)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -570,7 +569,9 @@ def latency_path(ctx: Context) -> Path:
     return path if path.is_absolute() else ctx.run_dir / path
 
 
-def _load_latency(path: Path, layers: Sequence[str], needed_by: str) -> LatencyTable:
+def _load_latency(path: Path, layers: Sequence[str], needed_by: str, setup: dict | None = None) -> LatencyTable:
+    """The stored table; with ``setup``, refused unless it was measured there (another runtime,
+    batch size, thread count or device predicts the wrong network)."""
     if not path.is_file():
         raise StageError(f"{path} is missing; run `gross latency` first ({needed_by} needs it)")
     try:
@@ -579,6 +580,11 @@ def _load_latency(path: Path, layers: Sequence[str], needed_by: str) -> LatencyT
         raise StageError(f"{path}: {one_line(err)}; delete it and run `gross latency` again") from None
     if list(table.layers) != list(layers):
         raise StageError(f"{path} was measured for layers {list(table.layers)}, but the GroSS network has {list(layers)}; run `gross latency --force`")
+    why = table.mismatch(setup) if setup is not None else None
+    if why:
+        raise StageError(f"{path} does not fit {needed_by}: {why} (latency.runtime, latency.batch_size, threads, device); "
+                         f"run `gross latency --runtime {setup['runtime']} --batch-size {setup['batch_size']}` to measure it there, "
+                         "or set those to the table's")
     return table
 
 
@@ -680,7 +686,7 @@ def stage_search(ctx: Context, skip_done: bool = False, folder: str = SEARCH_DIR
     shape = _input_shape(ctx)
     val = _split_batches(ctx, "val")
     test = _split_batches(ctx, "test") if s.test else None
-    table = _on_lead(ctx, lambda: _load_latency(latency_path(ctx), names, "search.cost: latency")) if s.cost == "latency" else None
+    table = _on_lead(ctx, lambda: _load_latency(latency_path(ctx), names, "search.cost: latency", _latency_setup(ctx))) if s.cost == "latency" else None
     # The export fuses a bottleneck into one dense conv (same outputs) where that is faster, so
     # under latency the dense conv is a per-layer choice (see _export's fuse).
     cost = AdditiveCost.from_latency_table(table, fuse=table.has_dense) if table is not None else macs_cost(model, shape)
@@ -692,13 +698,18 @@ def stage_search(ctx: Context, skip_done: bool = False, folder: str = SEARCH_DIR
     limit_text = f"budget {budget} = {shown:.4g} {unit}" if isinstance(budget, str) else f"budget {shown:.4g} {unit}"
     if budget is None:
         limit_text = f"no budget ({'ms' if table is not None else 'MACs'})"
+    if table is not None:
+        limit_text += f" (latency table measured with {describe_setup(table.setup)})"
     if cost.name == FUSED_LATENCY:
         limit_text += ", each layer at the faster of its bottleneck and the dense conv"
     ctx.log(f"[search] {out}: {strategy} over {math.prod(len(x) for x in space)} configurations of {', '.join(names)}; "
             f"{limit_text}; scored on the val split{' (and test, reported only)' if s.test else ''}")
     if ctx.lead:
         out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / "source.json", {"fingerprint": _fingerprint(ctx), "settings": settings, "strategy": strategy, "options": options})
+        source = {"fingerprint": _fingerprint(ctx), "settings": settings, "strategy": strategy, "options": options}
+        if table is not None:
+            source["latency_setup"] = table.setup
+        _write_json(out / "source.json", source)
     ctx.barrier()
     # The uniform configurations (the paper's baselines) are scored whether or not they fit the
     # budget, and chosen when one fits and beats the strategy's pick.
@@ -726,23 +737,33 @@ def stage_search(ctx: Context, skip_done: bool = False, folder: str = SEARCH_DIR
 
 
 def _timing(ctx: Context) -> dict:
-    """How every latency of a run is measured: the latency.* settings on the run's device."""
-    return {"batch_size": ctx.cfg.latency.batch_size, "repeats": ctx.cfg.latency.repeats, "device": ctx.device}
+    """How every latency of a run is measured: the latency.* settings on the run's device and threads."""
+    lat = ctx.cfg.latency
+    return {"batch_size": lat.batch_size, "repeats": lat.repeats, "device": ctx.device, "runtime": lat.runtime}
+
+
+def _latency_setup(ctx: Context) -> dict:
+    """Where this run's latencies are measured (what a stored table must have been measured on)."""
+    lat = ctx.cfg.latency
+    return latency_setup(lat.runtime, lat.batch_size, device=ctx.device)
 
 
 def _measure_latency(ctx: Context, path: Path, model: torch.nn.Module) -> LatencyTable:
-    lat = ctx.cfg.latency
-    ctx.log(f"[latency] {path}: timing {len(gross_layers(model))} layers at every group size on {ctx.device}, batch {lat.batch_size}")
+    graphs = ", each as its own ONNX graph" if ctx.cfg.latency.runtime == "onnxruntime" else ""
+    ctx.log(f"[latency] {path}: timing {len(gross_layers(model))} layers at every group size and as the dense conv{graphs}, "
+            f"with {describe_setup(_latency_setup(ctx))}")
     table = latency_table(model, _input_shape(ctx), **_timing(ctx))
     atomic_write(path, json.dumps(table.to_dict(), indent=1) + "\n")
     return table
 
 
 def stage_latency(ctx: Context, path: Path | None = None, budget_ms: float | None = None) -> dict | None:
-    """Choose by measured latency on this device, beside the choice by MACs (``gross latency``).
+    """Choose by measured latency on this runtime and device, beside the choice by MACs (``gross latency``).
 
-    Times every GroSS layer at every group size and as the dense conv into ``latency/table.json``
-    (kept when it exists, unless ``ctx.force``), searches the finetuned space under a latency
+    Times every GroSS layer at every group size and as the dense conv, on ``latency.runtime`` at
+    ``latency.batch_size``, into ``latency/table.json`` (kept when it exists and was measured on
+    the same runtime, batch size, threads and device, unless ``ctx.force``; else measured
+    again), searches the finetuned space under a latency
     budget with the dense conv as a per-layer choice into ``latency/search/`` (reusing the scores
     of an earlier one), and exports the pick with ``fuse: auto`` into ``latency/export/``,
     measured against the original network. ``budget_ms`` defaults to the original network's
@@ -751,11 +772,17 @@ def stage_latency(ctx: Context, path: Path | None = None, budget_ms: float | Non
     """
     path = path or latency_path(ctx)
     names = [spec["name"] for spec in _gross_arch(ctx)["layers"]]
+    check_runtime(ctx.cfg.latency.runtime, ctx.device)
+    setup = _latency_setup(ctx)
 
     def measured() -> LatencyTable:
         if path.is_file() and not ctx.force:
-            ctx.log(f"[latency] using {path} (--force measures it again)")
-            return _load_latency(path, names, "gross latency")
+            table = _load_latency(path, names, "gross latency")
+            why = table.mismatch(setup)
+            if why is None:
+                ctx.log(f"[latency] using {path}, measured with {describe_setup(setup)} (--force measures it again)")
+                return table
+            ctx.log(f"[latency] {path}: {why}; measuring it again")
         return _measure_latency(ctx, path, _gross_model(ctx)[0])
 
     table = _on_lead(ctx, measured)
@@ -772,30 +799,35 @@ def stage_latency(ctx: Context, path: Path | None = None, budget_ms: float | Non
 
 def measured_networks(ctx: Context) -> list[dict]:
     """The original network and the exported choices (by MACs: ``export/``; by latency:
-    ``latency/export/``) with val accuracy, MACs and measured ms, for printing and the report."""
+    ``latency/export/``) with val accuracy, MACs, parameters and ms measured end to end, each
+    with the runtime, batch size, threads and device it was measured with (``setup``), for
+    printing and the report. The original appears once per setup, as it was timed beside each."""
     rows: list[dict] = []
+    originals: set[str] = set()
     for label, folder in (("chosen by MACs", EXPORT_DIR), ("chosen by latency", f"{LATENCY_DIR}/{EXPORT_DIR}")):
         summary = _read_json(ctx.run_dir / folder / "summary.json")
         if summary is None:
             continue
-        ms = summary["latency_ms"]
-        if not rows:
+        ms, setup = summary["latency_ms"], describe_setup(summary["latency_setup"])
+        if setup not in originals:
+            originals.add(setup)
             rows.append({"network": "original", "config": ("-",), "val_acc": summary["val_accuracy"]["original"],
-                         "macs": summary["macs"]["original"], "ms": ms["original"], "versus": ""})
+                         "macs": summary["macs"]["original"], "params": summary["params"]["original"], "ms": ms["original"],
+                         "setup": setup, "versus": ""})
         fused = f", fused: {', '.join(summary['fused'])}" if summary["fused"] else ""
         rows.append({"network": f"{label}{fused}", "config": tuple(summary["config"]), "val_acc": summary["val_accuracy"]["exported"],
-                     "macs": summary["macs"]["exported"], "ms": ms["exported"],
+                     "macs": summary["macs"]["exported"], "params": summary["params"]["exported"], "ms": ms["exported"], "setup": setup,
                      "versus": ratio(ms["original"], ms["exported"], "faster", "slower") + " (timed together)"})
     return rows
 
 
 def slower_note(ctx: Context, summary: dict) -> str | None:
-    """A plain sentence when the exported network is slower than the original on this device."""
+    """A plain sentence when the exported network is slower than the original where it was timed."""
     ms, macs, setup = summary["latency_ms"], summary["macs"], summary["latency_setup"]
     if ms["exported"] <= ms["original"]:
         return None
     text = (f"The exported network {format_config(summary['config'])} is {ratio(ms['original'], ms['exported'], 'faster', 'slower')} "
-            f"than the original on {setup['device']} at batch {setup['batch_size']}")
+            f"than the original with {describe_setup(setup)}")
     if summary["fuse"] != "none":  # chosen by the latency table already: the measurement disagrees with it
         return text + " (the latency table predicted otherwise; `gross latency --force` measures it again)."
     fewer = f", although it has {ratio(macs['original'], macs['exported'], 'fewer', 'more')} MACs" if macs["exported"] < macs["original"] else ""
@@ -859,17 +891,10 @@ def _onnx_check(exported: torch.nn.Module, path: Path, x: torch.Tensor, opset: i
         return {"written": False, "note": f"net.onnx skipped: {' and '.join(missing)} not installed (pip install 'gross[export]')"}
     exported = copy.deepcopy(exported).to("cpu").float().eval()  # ONNX is device-free; onnxruntime checks on the CPU
     x = x.detach().to("cpu", torch.float32).contiguous()
-    noisy = logging.getLogger("torch.onnx")
-    level = noisy.level
-    noisy.setLevel(logging.ERROR)  # e.g. "torchvision is not installed. Skipping torchvision::nms"
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            export_onnx(exported, path, tuple(x.shape[1:]), opset=opset)
+        export_onnx(exported, path, tuple(x.shape[1:]), opset=opset)
     except Exception as err:  # the exporter raises many kinds
         raise StageError(f"ONNX export failed ({type(err).__name__}: {one_line(err)[:300]}); pass --no-onnx to export without it") from None
-    finally:
-        noisy.setLevel(level)
     info: dict[str, Any] = {"written": True, "file": path.name, "opset": opset}
     if not _installed("onnxruntime"):
         info["note"] = "net.onnx not checked: onnxruntime not installed (pip install 'gross[export]')"
@@ -916,6 +941,7 @@ def stage_export(
                             f"it is kept (run `gross export --name {ctx.cfg.name} --best --force` to replace it)")
             return summary
         raise StageError(f"{out} exists; pass --force to replace it")
+    check_runtime(ctx.cfg.latency.runtime, ctx.device)  # before anything is written
     summary = None
     if ctx.lead:
         summary = _export(ctx, config, best, out, search)
@@ -956,8 +982,8 @@ def _export_into(ctx: Context, tmp: Path, model: torch.nn.Module, arch: dict, ba
     # Reported only: the configuration was chosen on val before the test split was looked at.
     test = _split_batches(ctx, "test") if len(ctx.splits().test) else None
     test_accuracy = {"original": evaluate(base, test).accuracy, "exported": evaluate(exported, test).accuracy} if test else None
-    lat = ctx.cfg.latency
-    ctx.log(f"[export] timing the original and the exported network on {ctx.device}, batch {lat.batch_size}")
+    setup = _latency_setup(ctx)
+    ctx.log(f"[export] timing the original and the exported network with {describe_setup(setup)}")
     ms = compare_latency({"original": base, "exported": exported}, shape, **_timing(ctx))
     onnx_info = _onnx_check(exported, tmp / "net.onnx", x, cfg.opset) if cfg.onnx else {"written": False, "note": "net.onnx not written (export.onnx: false)"}
     summary = {
@@ -973,7 +999,7 @@ def _export_into(ctx: Context, tmp: Path, model: torch.nn.Module, arch: dict, ba
         "val_accuracy": {"original": original_eval.accuracy, "exported": exported_eval.accuracy},
         "test_accuracy": test_accuracy,
         "latency_ms": {"original": ms["original"], "exported": ms["exported"]},
-        "latency_setup": {"device": str(ctx.device), "batch_size": lat.batch_size, "repeats": lat.repeats},
+        "latency_setup": {**setup, "repeats": ctx.cfg.latency.repeats},
         **check,
         "onnx": onnx_info,
         "files": sorted(p.name for p in tmp.iterdir()) + ["summary.json"],
@@ -1005,10 +1031,7 @@ def _export(ctx: Context, config: tuple[int, ...] | dict[str, int] | None, best:
     if fuse_setting == "auto":
         path = latency_path(ctx)
         if path.is_file():
-            table = _load_latency(path, names, "export.fuse: auto")
-            if table.meta.get("batch_size") != ctx.cfg.latency.batch_size or table.meta.get("device") != str(ctx.device):
-                ctx.log(f"warning: {path} was measured on {table.meta.get('device')} at batch {table.meta.get('batch_size')}; "
-                        f"fusing by it for {ctx.device} at batch {ctx.cfg.latency.batch_size} (run `gross latency --force` to measure again)")
+            table = _load_latency(path, names, "export.fuse: auto", _latency_setup(ctx))
         else:
             table = _measure_latency(ctx, path, model)
     shape = _input_shape(ctx)
@@ -1094,10 +1117,12 @@ def stage_report(ctx: Context, skip_done: bool = False) -> Path | None:
             if config in by_config:
                 budgets[f"uniform:{g}"] = by_config[config]["macs"]
         summary = _read_json(ctx.run_dir / EXPORT_DIR / "summary.json")
-        note = slower_note(ctx, summary) if summary else None
+        notes = [slower_note(ctx, summary)] if summary else []
+        if table is not None:
+            notes.append(f"latency (ms): predicted by the latency table {latency_path(ctx)}, measured with {describe_setup(table.setup)}.")
         title = f"GroSS search: {ctx.cfg.name} ({arch['model']} on {Path(str(ctx.cfg.data.dataset)).name})"
         write_report(rows, ctx.run_dir, uniform={label: c for c, label in labels.items()}, budgets=budgets or None,
-                     networks=measured_networks(ctx), notes=[note] if note else [], layer_names=names, title=title)
+                     networks=measured_networks(ctx), notes=[n for n in notes if n], layer_names=names, title=title)
         ctx.log(f"[report] wrote {path} and its plots")
     ctx.barrier()
     return path

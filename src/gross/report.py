@@ -131,7 +131,8 @@ def _fmt(value: object, key: str) -> str:
 
 
 def _header(key: str) -> str:
-    return {"macs": "MACs (M)", "val_acc": "val acc", "ms": "measured ms", "versus": "against the original"}.get(
+    return {"macs": "MACs (M)", "val_acc": "val acc", "ms": "measured ms (end to end)", "setup": "measured with",
+            "versus": "against the original"}.get(
         key, dict(_OPTIONAL).get(key, key)
     )
 
@@ -178,8 +179,10 @@ def write_report(
         Report the best configuration with cost <= each budget. Default: the cost of every
         uniform configuration that was evaluated (the paper's budget rule).
     networks : sequence of dict, optional
-        Whole networks measured on a device: ``network`` (label), ``config``, ``val_acc``,
-        ``macs``, ``ms`` and ``versus`` (against the original, e.g. ``"1.9x slower"``).
+        Whole networks measured end to end: ``network`` (label), ``config``, ``val_acc``,
+        ``macs``, ``params``, ``ms``, ``setup`` (the runtime, batch size, threads and device it
+        was timed with, e.g. ``"onnxruntime, batch 64, 2 threads, cpu"``) and ``versus``
+        (against the original, e.g. ``"1.9x slower"``).
     notes : sequence of str
         Sentences shown under the measured networks (what the measurements mean for the user).
     layer_names : sequence of str, optional
@@ -241,9 +244,10 @@ def write_report(
             lines += ["", f"gain: {_header(score_key)} over the uniform configuration that sets the budget."]
     if networks:
         lines += ["", "## Measured networks", ""]
-        lines += _table([{**n, "_label": n["network"]} for n in networks], ["val_acc", "macs", "ms", "versus"], first="network")
-    if notes:
-        lines += ["", *notes]
+        keys = ["val_acc", "macs", "params", "ms", "setup", "versus"]
+        lines += _table([{**n, "_label": n["network"]} for n in networks], keys, first="network")
+    for note in notes:
+        lines += ["", note]  # one paragraph each
     plots = [_plot_front(rows, front, uniform_rows, out / "pareto.png", cost_key, score_key)]
     plots.append(_plot_sizes(front, out / "front_group_sizes.png", cost_key, layer_names))
     latency_front = pareto_front(rows, "latency_ms", score_key) if cost_key != "latency_ms" else []
