@@ -17,7 +17,11 @@ negative.
 
 Latency depends on where the network runs (:mod:`gross.runtime`): ``runtime="torch"`` times
 torch eager, ``runtime="onnxruntime"`` each candidate as its own small ONNX graph in an
-onnxruntime ``InferenceSession``, as exported networks are deployed. A table records its
+onnxruntime ``InferenceSession``, as exported networks are deployed. Calling a session costs
+about 10 us besides its ops (binding inputs, returning outputs), which a whole network pays
+once but a sum over separately timed layers would pay once per layer, several times a batch-1
+layer's ops; so the time of an almost empty session (``meta["call_ms"]``) is taken off every
+layer's entry and stays in the rest. A table records its
 runtime, batch size, thread count and device (:attr:`LatencyTable.setup`); one measured on
 another setup predicts the wrong thing, so :meth:`LatencyTable.mismatch` says how it differs
 and its users refuse or remeasure it.
@@ -396,6 +400,13 @@ def _sample_shape(input_shape: Sequence[int], batch_size: int) -> tuple[int, ...
     return (batch_size,) + shape
 
 
+class _Empty(nn.Module):
+    """The smallest graph, one addition on one number: its time is that of calling a session."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + 1
+
+
 class _Fed(nn.Module):
     """Stands in for a GroSS layer while the rest of the network is timed: returns what it is fed."""
 
@@ -451,7 +462,9 @@ def latency_table(
     convs, not the GroSS forward, which also sums the difference terms) on the input it received
     in one forward pass of the whole network; the dense choice is :meth:`GroSSConv2d.dense_conv` at the
     largest group size. With ``runtime="onnxruntime"`` each of these modules, and the rest, is
-    exported as its own small ONNX graph and timed in an ``InferenceSession``. Timing runs in
+    exported as its own small ONNX graph and timed in an ``InferenceSession``, and each layer's
+    entry is its session's time less that of an almost empty one (see the module docstring).
+    Timing runs in
     eval mode (under ``torch.inference_mode`` for torch) on a copy of ``model``.
 
     Parameters
@@ -533,17 +546,24 @@ def latency_table(
         _replace(net, name, fed[-1])
     inputs = (torch.randn(shape, device=device, dtype=dtype), *(recorded[name][1] for name, _ in layers))
     fns[rest] = forward_fn(_Rest(net, fed).eval(), inputs, runtime, setup["threads"])
+    call = ("call",)
+    if runtime == "onnxruntime":
+        fns[call] = forward_fn(_Empty(), (torch.zeros(1),), runtime, setup["threads"])
     with _torch_threads(setup["threads"]), torch.inference_mode():
         times = _bench(
             fns, warmup=warmup, repeats=repeats, block_ms=block_ms, quantile=quantile, sync=_synchronizer(device)
         )
+    meta = _meta(setup, warmup, repeats, block_ms, quantile)
+    overhead = times.pop(call, 0.0)  # torch: calling a module costs the same inside the whole network
+    if runtime == "onnxruntime":
+        meta["call_ms"] = overhead
     names = tuple(name for name, _ in layers)
     return LatencyTable(
         layers=names,
-        options=tuple({key[2]: t for key, t in times.items() if key[1:2] == (name,)} for name in names),
+        options=tuple({key[2]: max(t - overhead, 0.0) for key, t in times.items() if key[1:2] == (name,)} for name in names),
         rest=times[rest],
         input_shapes=tuple(tuple(recorded[name][0].shape) for name in names),
-        meta=_meta(setup, warmup, repeats, block_ms, quantile),
+        meta=meta,
     )
 
 
