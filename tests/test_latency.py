@@ -13,8 +13,6 @@ import gross
 from gross.latency import (
     DENSE,
     LatencyTable,
-    _Fed,
-    _Rest,
     compare_latency,
     describe_setup,
     latency_setup,
@@ -110,7 +108,10 @@ def test_latency_table_structure(small_net, tmp_path):
         assert set(options) == set(layer.group_sizes) | {DENSE}
         assert all(v > 0 for v in options.values())
     assert table.input_shapes == ((3, 8, 16, 16), (3, 8, 8, 8), (3, 16, 4, 4))
-    assert table.rest > 0
+    # The rest: the network with every layer dense, timed whole, less those layers' entries.
+    assert table.meta["anchor"]["config"] == ["dense"] * 3
+    assert table.rest == pytest.approx(table.meta["anchor"]["ms"] - sum(o[DENSE] for o in table.options))
+    assert table.cost((DENSE,) * 3) == pytest.approx(table.meta["anchor"]["ms"])
     assert table.meta["batch_size"] == 3 and table.meta["device"] == "cpu"
     assert table.meta["threads"] == torch.get_num_threads() and table.meta["torch"] == torch.__version__
     assert table.cost(config) == pytest.approx(table.rest + sum(o[s] for o, s in zip(table.options, config)))
@@ -123,6 +124,9 @@ def test_latency_table_structure(small_net, tmp_path):
 def test_latency_table_without_dense(small_net):
     table = latency_table(small_net, (3, 32, 32), include_dense=False, **FAST)
     assert not table.has_dense and all(DENSE not in o for o in table.options)
+    largest = tuple(max(o) for o in table.options)  # the anchor without dense timings
+    assert table.meta["anchor"]["config"] == [str(g) for g in largest]
+    assert table.cost(largest) == pytest.approx(table.meta["anchor"]["ms"])
     with pytest.raises(ValueError):
         table.cost((1, 1, DENSE))
     with pytest.raises(ValueError):
@@ -212,17 +216,11 @@ def test_onnx_graphs_give_the_torch_outputs():
         for module in (layer.bottleneck(1), layer.bottleneck(4), layer.dense_conv(4)):
             (got,) = forward_fn(module.eval(), (x,), "onnxruntime", 1)()
             np.testing.assert_allclose(got, module(x).numpy(), rtol=1e-4, atol=1e-5)
-        # The rest: the network with the GroSS layer's output fed in, and its input given out.
-        y = torch.randn(2, 4, 4, 4)
-        rest = copy.deepcopy(net)
-        fed = _Fed()
-        rest[2] = fed
-        inputs = (torch.randn(2, 3, 4, 4), y)
-        expected = (net[5](net[4](net[3](y))), net[1](net[0](inputs[0])))
-        got = forward_fn(_Rest(rest, [fed]).eval(), inputs, "onnxruntime", 1)()
-        for a, b in zip(got, expected, strict=True):
-            np.testing.assert_allclose(a, b.numpy(), rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(forward_fn(_Rest(rest, [fed]).eval(), inputs, "torch", 1)(), expected)
+        # The anchor: the whole network with the GroSS layer dense.
+        whole = gross.export(net, (DENSE,)).eval()
+        x = torch.randn(2, 3, 4, 4)
+        (got,) = forward_fn(whole, (x,), "onnxruntime", 1)()
+        np.testing.assert_allclose(got, whole(x).numpy(), rtol=1e-4, atol=1e-5)
 
 
 def test_latency_table_on_onnxruntime(tmp_path):
@@ -231,7 +229,8 @@ def test_latency_table_on_onnxruntime(tmp_path):
     table = latency_table(net, (3, 4, 4), batch_size=2, runtime="onnxruntime", threads=1, **FAST)
     assert table.layers == ("2",) and set(table.options[0]) == {1, 4, DENSE} and table.rest > 0
     assert table.setup == {"runtime": "onnxruntime", "batch_size": 2, "threads": 1, "device": "cpu"}
-    assert table.meta["runtime_version"] == ort.__version__ and table.meta["call_ms"] > 0  # taken off each layer, kept in the rest
+    assert table.meta["runtime_version"] == ort.__version__
+    assert table.rest == pytest.approx(table.meta["anchor"]["ms"] - table.options[0][DENSE])
     table.save(tmp_path / "t.json")
     assert LatencyTable.load(tmp_path / "t.json").setup == table.setup
     times = compare_latency({"a": gross.export(net, (1,)), "b": gross.export(net, (4,))}, (3, 4, 4), runtime="onnxruntime", **FAST)

@@ -102,7 +102,11 @@ def format_latency(table: LatencyTable) -> str:
     version = f" {meta['runtime_version']}" if "runtime_version" in meta else ""
     title = (f"ms per layer and group size with {describe_setup(table.setup)} "
              f"({table.setup['runtime']}{version} on {meta.get('device_name', meta.get('device', '?'))}):")
-    return title + "\n" + _text_table(head, lines)
+    text = title + "\n" + _text_table(head, lines)
+    if "anchor" in meta:
+        text += (f"\nrest: the network at {'-'.join(meta['anchor']['config'])} timed whole ({meta['anchor']['ms']:.4f} ms) "
+                 "less those layers' times, so it also holds what timing layers apart misses")
+    return text
 
 
 def format_export(ctx: Context, summary: dict, folder: str = EXPORT_DIR) -> str:

@@ -8,27 +8,29 @@ original dense conv (``"dense"``), plus everything else in the network once. The
 configuration (:meth:`LatencyTable.cost`) then predicts the exported network's latency without
 building or timing it, so a search can rank millions of configurations by it.
 
-The remainder ("rest") is timed directly: the whole network with every GroSS layer replaced by
-a module that returns that layer's recorded output, fed in as an extra input of the forward
-pass, i.e. every conv, norm, activation, pooling and linear layer that the configuration does
-not change, with the GroSS layers costing nothing. Subtracting the table from a timed whole
-network instead would fold timing noise of several layers into one number and can even go
-negative.
+The remainder ("rest") is anchored to one whole network: the network with every layer at one
+choice (dense, or the largest group size) is timed whole, and the rest is its time less its
+layers' entries. It holds every conv, norm, activation, pooling and linear layer that the
+configuration does not change, and also what timing the layers apart cannot see but is the
+same whatever the choices: calling each layer on its own (a Python call, an onnxruntime
+session run) and converting between layouts at every layer boundary, which onnxruntime avoids
+in a whole graph (at its default ``ORT_ENABLE_ALL`` it keeps a chain of convs in a blocked
+layout; measured on the paper network at batch 64, layers timed apart summed to 1.3-1.5x the
+whole network, and to 1.00x with that optimisation off). So the table predicts the anchor
+network exactly, and the rest may be negative. It also holds the timing noise of several
+measurements, but as one constant shared by every configuration: it shifts every prediction
+alike, never their order or the choice between a bottleneck and its dense conv.
 
 Latency depends on where the network runs (:mod:`gross.runtime`): ``runtime="torch"`` times
-torch eager, ``runtime="onnxruntime"`` each candidate as its own small ONNX graph in an
-onnxruntime ``InferenceSession``, as exported networks are deployed. Calling a session costs
-about 10 us besides its ops (binding inputs, returning outputs), which a whole network pays
-once but a sum over separately timed layers would pay once per layer, several times a batch-1
-layer's ops; so the time of an almost empty session (``meta["call_ms"]``) is taken off every
-layer's entry and stays in the rest. A table records its
+torch eager, ``runtime="onnxruntime"`` each candidate (and the anchor) as its own ONNX graph in
+an onnxruntime ``InferenceSession``, as exported networks are deployed. A table records its
 runtime, batch size, thread count and device (:attr:`LatencyTable.setup`); one measured on
 another setup predicts the wrong thing, so :meth:`LatencyTable.mismatch` says how it differs
 and its users refuse or remeasure it.
 
-What the table cannot see: interactions between layers (caches warmed by the previous layer,
-memory allocation patterns, kernels that a graph compiler such as onnxruntime's fuses across a
-layer boundary). Timing each candidate
+What the table cannot see: interactions between layers that depend on the choices (caches
+warmed by the previous layer, a layer whose kernels leave the blocked layout that the anchor's
+kept). Timing each candidate
 alone on a hot cache favours small layers a little; ``benchmarks/latency_table.py`` measures how
 well the table's sum ranks whole exported networks.
 """
@@ -131,7 +133,8 @@ class LatencyTable:
     options : tuple of dict
         Per layer: choice (group size, or ``"dense"`` for the original conv) -> ms.
     rest : float
-        ms of everything that is not a GroSS layer (see the module docstring).
+        ms of everything that is not a GroSS layer, and of what timing the layers apart misses;
+        may be negative (see the module docstring).
     input_shapes : tuple of tuple of int
         Per layer: the ``(N, C, H, W)`` input it was timed with.
     meta : dict
@@ -155,8 +158,8 @@ class LatencyTable:
         for name, options in zip(self.layers, self.options):
             if not options or any(not (math.isfinite(v) and v >= 0) for v in options.values()):
                 raise ValueError(f"layer {name!r} needs finite non-negative times, got {options}")
-        if not (math.isfinite(self.rest) and self.rest >= 0):
-            raise ValueError(f"rest must be a finite non-negative time, got {self.rest}")
+        if not math.isfinite(self.rest):
+            raise ValueError(f"rest must be a finite time, got {self.rest}")
 
     @property
     def setup(self) -> dict:
@@ -400,48 +403,6 @@ def _sample_shape(input_shape: Sequence[int], batch_size: int) -> tuple[int, ...
     return (batch_size,) + shape
 
 
-class _Empty(nn.Module):
-    """The smallest graph, one addition on one number: its time is that of calling a session."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x + 1
-
-
-class _Fed(nn.Module):
-    """Stands in for a GroSS layer while the rest of the network is timed: returns what it is fed."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.output: Tensor | None = None
-        self.received: Tensor | None = None
-
-    def forward(self, x: Tensor) -> Tensor:
-        self.received = x
-        return self.output
-
-
-class _Rest(nn.Module):
-    """A network whose GroSS layers are :class:`_Fed`: ``forward(x, *outputs)``, one output per layer.
-
-    Returns the network's output and then the input each GroSS layer received. The layers'
-    outputs are graph inputs rather than stored tensors, because onnxruntime folds constants:
-    every op between a constant and the next GroSS layer would run once, at load time. Their
-    inputs are graph outputs because nothing else consumes them: dead-code elimination would
-    drop the ops that compute them (the whole network before the first GroSS layer).
-    """
-
-    def __init__(self, net: nn.Module, fed: Sequence[_Fed]) -> None:
-        super().__init__()
-        self.net = net
-        self.fed = list(fed)  # a plain list: they are registered inside net already
-
-    def forward(self, x: Tensor, *outputs: Tensor) -> tuple[Tensor, ...]:
-        for stand_in, output in zip(self.fed, outputs):
-            stand_in.output = output
-        y = self.net(x)
-        return (y, *(stand_in.received for stand_in in self.fed))
-
-
 def latency_table(
     model: nn.Module,
     input_shape: Sequence[int],
@@ -462,9 +423,9 @@ def latency_table(
     convs, not the GroSS forward, which also sums the difference terms) on the input it received
     in one forward pass of the whole network; the dense choice is :meth:`GroSSConv2d.dense_conv` at the
     largest group size. With ``runtime="onnxruntime"`` each of these modules, and the rest, is
-    exported as its own small ONNX graph and timed in an ``InferenceSession``, and each layer's
-    entry is its session's time less that of an almost empty one (see the module docstring).
-    Timing runs in
+    exported as its own small ONNX graph and timed in an ``InferenceSession``. The rest is the
+    anchor network (every layer dense, or at its largest group size without ``include_dense``)
+    timed whole, less its layers' entries (see the module docstring). Timing runs in
     eval mode (under ``torch.inference_mode`` for torch) on a copy of ``model``.
 
     Parameters
@@ -497,7 +458,8 @@ def latency_table(
     Returns
     -------
     LatencyTable
-        Its ``meta`` records the runtime, batch size, threads and device (:attr:`LatencyTable.setup`).
+        Its ``meta`` records the runtime, batch size, threads and device (:attr:`LatencyTable.setup`),
+        and the anchor's configuration and measured ms (``meta["anchor"]``).
 
     Raises
     ------
@@ -531,40 +493,39 @@ def latency_table(
     unused = [name for name, _ in layers if name not in recorded]
     if unused:
         raise ValueError(f"GroSS layers {unused} were not called in the forward pass; cannot time them")
-    rest = ("rest",)
+    # The anchor: the network with every layer at one choice, timed whole; the rest is what it
+    # takes beyond its layers' entries (see the module docstring).
+    anchor = {name: DENSE if include_dense else layer.group_sizes[-1] for name, layer in layers}
+    whole = ("whole",)
     fns: dict[tuple, Callable[[], object]] = {}
     for name, layer in layers:
         x = (recorded[name][0],)
-        for s in layer.group_sizes:
-            fns[("layer", name, s)] = forward_fn(layer.bottleneck(s).eval(), x, runtime, setup["threads"])
-        if include_dense:
-            fns[("layer", name, DENSE)] = forward_fn(layer.dense_conv(layer.group_sizes[-1]).eval(), x, runtime, setup["threads"])
-    fed = []
-    for name, _ in layers:
+        for choice in (*layer.group_sizes, *((DENSE,) if include_dense else ())):
+            fns[("layer", name, choice)] = forward_fn(_candidate(layer, choice), x, runtime, setup["threads"])
+    for name, layer in layers:
         # Only now that every candidate is built: the copy loses its GroSS layers here.
-        fed.append(_Fed())
-        _replace(net, name, fed[-1])
-    inputs = (torch.randn(shape, device=device, dtype=dtype), *(recorded[name][1] for name, _ in layers))
-    fns[rest] = forward_fn(_Rest(net, fed).eval(), inputs, runtime, setup["threads"])
-    call = ("call",)
-    if runtime == "onnxruntime":
-        fns[call] = forward_fn(_Empty(), (torch.zeros(1),), runtime, setup["threads"])
+        _replace(net, name, _candidate(layer, anchor[name]))
+    fns[whole] = forward_fn(net, (torch.randn(shape, device=device, dtype=dtype),), runtime, setup["threads"])
     with _torch_threads(setup["threads"]), torch.inference_mode():
         times = _bench(
             fns, warmup=warmup, repeats=repeats, block_ms=block_ms, quantile=quantile, sync=_synchronizer(device)
         )
-    meta = _meta(setup, warmup, repeats, block_ms, quantile)
-    overhead = times.pop(call, 0.0)  # torch: calling a module costs the same inside the whole network
-    if runtime == "onnxruntime":
-        meta["call_ms"] = overhead
     names = tuple(name for name, _ in layers)
+    meta = _meta(setup, warmup, repeats, block_ms, quantile)
+    meta["anchor"] = {"config": [str(anchor[name]) for name in names], "ms": times[whole]}
     return LatencyTable(
         layers=names,
-        options=tuple({key[2]: max(t - overhead, 0.0) for key, t in times.items() if key[1:2] == (name,)} for name in names),
-        rest=times[rest],
+        options=tuple({key[2]: t for key, t in times.items() if key[1:2] == (name,)} for name in names),
+        rest=times[whole] - sum(times[("layer", name, anchor[name])] for name in names),
         input_shapes=tuple(tuple(recorded[name][0].shape) for name in names),
         meta=meta,
     )
+
+
+def _candidate(layer: nn.Module, choice: Choice) -> nn.Module:
+    """What a GroSS layer exports to at one choice: its bottleneck, or the dense conv of the same outputs."""
+    module = layer.dense_conv(layer.group_sizes[-1]) if choice == DENSE else layer.bottleneck(choice)
+    return module.eval()
 
 
 def compare_latency(
