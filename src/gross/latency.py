@@ -15,8 +15,8 @@ configuration does not change, and also what timing the layers apart cannot see 
 same whatever the choices: calling each layer on its own (a Python call, an onnxruntime
 session run) and converting between layouts at every layer boundary, which onnxruntime avoids
 in a whole graph (at its default ``ORT_ENABLE_ALL`` it keeps a chain of convs in a blocked
-layout; measured on the paper network at batch 64, layers timed apart summed to 1.3-1.5x the
-whole network, and to 1.00x with that optimisation off). So the table predicts the anchor
+layout; in one measurement on the paper network at batch 64, on 2 shared cores, layers timed
+apart summed to 1.3-1.5x the whole network, and to 1.00x with that optimisation off). So the table predicts the anchor
 network exactly, and the rest may be negative. It also holds the timing noise of several
 measurements, but as one constant shared by every configuration: it shifts every prediction
 alike, never their order or the choice between a bottleneck and its dense conv.
