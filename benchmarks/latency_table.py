@@ -19,8 +19,8 @@ average is recorded because other processes may share the cores. On oversubscrib
 
 Results are written after every runtime and batch size (``latency_table.json`` with every row,
 ``latency_table.md`` with the summary, ``latency_table.png`` with predicted against measured),
-so an interrupted run keeps what it finished. The timed run, about 10 minutes on 2 quiet cores
-(onnxruntime exports some 120 small ONNX graphs per batch size)::
+so an interrupted run keeps what it finished. The timed run, some 5-10 minutes on 2 cores
+(onnxruntime exports up to 72 ONNX graphs per batch size, about a second each)::
 
     python benchmarks/latency_table.py --threads 2   # -> benchmarks/results/latency_table.{json,md,png}
 

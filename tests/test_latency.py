@@ -1,6 +1,5 @@
 """Latency tables: structure, costs, JSON and runtimes (timings are noisy, so never their values)."""
 
-import copy
 import json
 import sys
 

@@ -218,7 +218,7 @@ class Config:
     runs: str = "runs"  # parent folder of run folders
     recipe: Union[str, None] = None  # null: the settings as given; authors: the released code's CIFAR recipe (trains); paper: the paper's literal text; see RECIPES
     device: str = "auto"  # cpu, cuda, cuda:N, or auto (cuda when available)
-    threads: int = 0  # torch CPU threads (0: torch's default)
+    threads: int = 0  # torch CPU threads (0: torch's default); latency timing gives onnxruntime as many
     channels_last: bool = True  # channels-last memory format for images and conv weights (about 1.5x faster on CPU)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
