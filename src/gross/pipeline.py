@@ -763,12 +763,12 @@ def stage_latency(ctx: Context, path: Path | None = None, budget_ms: float | Non
     Times every GroSS layer at every group size and as the dense conv, on ``latency.runtime`` at
     ``latency.batch_size``, into ``latency/table.json`` (kept when it exists and was measured on
     the same runtime, batch size, threads and device, unless ``ctx.force``; else measured
-    again), searches the finetuned space under a latency
-    budget with the dense conv as a per-layer choice into ``latency/search/`` (reusing the scores
-    of an earlier one), and exports the pick with ``fuse: auto`` into ``latency/export/``,
-    measured against the original network. ``budget_ms`` defaults to the original network's
-    predicted latency, so the pick is the most accurate configuration predicted to run no slower
-    than the original. Returns the export's summary (process 0; None elsewhere).
+    again), searches the finetuned space under a latency budget with the dense conv as a
+    per-layer choice into ``latency/search/`` (reusing the scores of an earlier one), and exports
+    the pick with ``fuse: auto`` into ``latency/export/``, measured against the original network.
+    ``budget_ms`` defaults to the original network's predicted latency (which the table measured
+    whole, as its anchor), so the pick is the most accurate configuration predicted to run no
+    slower than the original. Returns the export's summary (process 0; None elsewhere).
     """
     path = path or latency_path(ctx)
     names = [spec["name"] for spec in _gross_arch(ctx)["layers"]]
