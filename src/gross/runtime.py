@@ -142,6 +142,9 @@ def _session(program: "torch.onnx.ONNXProgram", threads: int):
     # One op at a time, as the networks here are chains: no second pool of threads.
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # Idle pool threads would otherwise spin after every run; with one session per table entry,
+    # timed in turns, the spinning pools of the others steal the cores from the one being timed.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return ort.InferenceSession(program.model_proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
