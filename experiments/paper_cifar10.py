@@ -75,6 +75,12 @@ def space_key(alpha: float, form: str) -> str:
     return f"alpha{alpha:g}" + ("" if form == DEFAULT_FORM or alpha == 0 else f"-{form}")
 
 
+def temperature(key: str) -> tuple[float, str]:
+    """The inverse of :func:`space_key`: (alpha, form) of a space named alpha4, alpha8-literal, alpha0."""
+    alpha, _, form = key.removeprefix("alpha").partition("-")
+    return float(alpha), form or DEFAULT_FORM
+
+
 def read_space(run: Path) -> dict[str, dict]:
     """A run's search/results.csv as {configuration: {val, test (%), macs}}."""
     with open(run / "search" / "results.csv", newline="") as f:
@@ -369,13 +375,13 @@ def figures(s: dict, out: Path) -> None:
 
     fx = s["fixed"]
     configs = sorted(fx, key=lambda c: fx[c]["macs"])
-    panels = [(form, [k for k in s["gross"] if k.startswith("alpha") and (k.endswith(f"-{form}") or k == "alpha0"
-                                                                            or (form == DEFAULT_FORM and "-" not in k))])
+    # alpha 0 is one space under every form, so it belongs to every panel.
+    spaces = {k: temperature(k) for k in s["gross"] if k.startswith("alpha")}
+    panels = [(form, sorted((k for k, (alpha, f) in spaces.items() if f == form or alpha == 0), key=lambda k: spaces[k][0]))
               for form in FORMS]
     panels = [(form, keys) for form, keys in panels if len(keys) > 1 or form == DEFAULT_FORM]
     fig, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels), 4), sharey=True, squeeze=False)
     for ax, (form, keys) in zip(axes[0], panels):
-        keys.sort(key=lambda k: float(k.split("-")[0][5:]))
         width = 0.8 / len(keys)
         for j, key in enumerate(keys):
             space = s["gross"][key]
@@ -384,7 +390,7 @@ def figures(s: dict, out: Path) -> None:
             per_seed = [[space.get(k, space["0"])[c]["test"] - fx[c]["test"][k] for k in fx[c]["test"]] for c in configs]
             mean = [statistics.fmean(v) for v in per_seed]
             err = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in per_seed]
-            label = f"alpha = {key.split('-')[0][5:]}" + (f" ({len(space)} seeds)" if len(space) > 1 else "")
+            label = f"alpha = {spaces[key][0]:g}" + (f" ({len(space)} seeds)" if len(space) > 1 else "")
             ax.bar([i + (j - (len(keys) - 1) / 2) * width for i in range(len(configs))], mean, width, yerr=err, capsize=2, label=label)
         ax.axhline(0, color="black", lw=0.8)
         ax.set_xticks(range(len(configs)), [f"{c}\n{fx[c]['macs'] / 1e6:.2f}M" for c in configs], fontsize=7)

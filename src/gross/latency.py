@@ -53,7 +53,7 @@ import torch
 from torch import Tensor, nn
 
 from .model import _replace, gross_layers
-from .runtime import RUNTIMES, check_runtime, forward_fn
+from .runtime import RUNTIMES, check_runtime, forward_fn, require_onnxruntime
 
 __all__ = [
     "DENSE",
@@ -355,12 +355,7 @@ def _device_name(device: torch.device) -> str:
 
 
 def _meta(setup: Mapping, warmup: int, repeats: int, block_ms: float, quantile: float) -> dict:
-    if setup["runtime"] == "onnxruntime":
-        import onnxruntime
-
-        version = onnxruntime.__version__
-    else:
-        version = torch.__version__
+    version = require_onnxruntime().__version__ if setup["runtime"] == "onnxruntime" else torch.__version__
     return {
         **setup,
         "runtime_version": version,
