@@ -34,6 +34,7 @@ import importlib.metadata
 import json
 import os
 import random
+import resource
 import sys
 import time
 from pathlib import Path
@@ -45,9 +46,9 @@ import torch
 
 from gross.checkpoint import atomic_write
 from gross.export import export
-from gross.latency import DENSE, RUNTIMES, compare_latency, describe_setup, latency_table
+from gross.latency import DENSE, RUNTIMES, _bench, compare_latency, describe_setup, latency_table, steady_allocator
 from gross.models import PaperNet
-from gross.runtime import require_onnxruntime
+from gross.runtime import forward_fn, require_onnxruntime
 
 SHAPE = (3, 32, 32)
 GOAL = 0.9  # Spearman rank correlation of prediction and measurement, every runtime and batch size
@@ -78,6 +79,23 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return pearson(ranks(a), ranks(b))
 
 
+def pair_agreement(predicted: np.ndarray, measured: np.ndarray, margin: float) -> dict:
+    """How often ``predicted`` orders a pair as ``measured`` does, over the pairs measured apart.
+
+    A rank correlation counts every pair, also those whose measured latencies differ by less than
+    the measurement's own noise, whose order is a coin toss; here only pairs whose measured times
+    differ by more than ``margin`` (relative to the faster) count.
+    """
+    agree = total = 0
+    for i in range(len(measured)):
+        for j in range(i + 1, len(measured)):
+            lo, hi = sorted((measured[i], measured[j]))
+            if hi / lo - 1 > margin:
+                total += 1
+                agree += int((predicted[i] - predicted[j]) * (measured[i] - measured[j]) > 0)
+    return {"margin": margin, "pairs": total, "agree": agree, "fraction": agree / total if total else float("nan")}
+
+
 def random_configs(choices: tuple[tuple, ...], n: int, seed: int) -> list[tuple]:
     space = int(np.prod([len(c) for c in choices]))
     if n > space:
@@ -105,10 +123,14 @@ def run_setup(model: torch.nn.Module, runtime: str, batch: int, configs: list[tu
         fused[i] = sorted(table.fused_faster(config))
         if fused[i]:  # otherwise the same network as the plain one
             networks[("auto", i)] = export(model, config, fuse="auto", latency=table)
-    print(f"{where} timing {len(networks)} whole networks", flush=True)
+    anchor = tuple(table.meta["anchor"]["config"])
+    networks[("anchor",)] = export(model, anchor)
+    print(f"{where} timing {len(networks)} whole networks, twice", flush=True)
     start = time.perf_counter()
-    measured = compare_latency(networks, SHAPE, repeats=args.net_repeats, **timing)
+    passes = [compare_latency(networks, SHAPE, repeats=args.net_repeats, **timing) for _ in range(2)]
     measure_s = time.perf_counter() - start
+    measured = {key: (passes[0][key] + passes[1][key]) / 2 for key in networks}
+    pieces = pieces_check(networks[("anchor",)], runtime, batch, args)
     dense_macs = {name: _dense_macs(model, name) for name in macs.layers}
     rows = []
     for i, config in enumerate(configs):
@@ -121,6 +143,7 @@ def run_setup(model: torch.nn.Module, runtime: str, batch: int, configs: list[tu
                 "macs": sum(macs.fixed.values()) + sum(layer_macs),
                 "predicted_ms": table.cost(config),
                 "measured_ms": measured[("plain", i)],
+                "measured_passes_ms": [one[("plain", i)] for one in passes],
                 "fused": fused[i],
                 "auto_predicted_ms": table.cost(fused_config),
                 "auto_measured_ms": measured[("auto", i) if fused[i] else ("plain", i)],
@@ -130,6 +153,9 @@ def run_setup(model: torch.nn.Module, runtime: str, batch: int, configs: list[tu
     meas = np.array([r["measured_ms"] for r in rows])
     auto = np.array([r["auto_measured_ms"] for r in rows])
     relative = np.abs(pred - meas) / meas
+    a, b = (np.array(one) for one in zip(*[row["measured_passes_ms"] for row in rows]))
+    # The measurement's own noise: how far the same network moves between two passes.
+    noise = float(np.median(np.abs(a - b) / meas))
     return {
         "runtime": runtime,
         "batch_size": batch,
@@ -142,10 +168,105 @@ def run_setup(model: torch.nn.Module, runtime: str, batch: int, configs: list[tu
         "mean_abs_relative_error": float(np.mean(relative)),
         "median_abs_relative_error": float(np.median(relative)),
         "mean_predicted_over_measured": float(np.mean(pred / meas)),
+        "spearman_pass_to_pass": spearman(a, b),
+        "median_pass_to_pass_relative_difference": noise,
+        "anchor_ms": {"table": table.meta["anchor"]["ms"], "networks_pass": measured[("anchor",)]},
+        "pairs_table": pair_agreement(pred, meas, 2 * noise),
+        "pieces": pieces,
+        "pairs_macs": pair_agreement(np.array([r["macs"] for r in rows]), meas, 2 * noise),
         "auto_fuse_configs_changed": sum(bool(r["fused"]) for r in rows),
         "auto_fuse_median_speedup": float(np.median(meas / auto)),
         "rows": rows,
     }
+
+
+def _faults_per_forward(fn, calls: int = 10) -> float:
+    """Minor page faults per call of ``fn`` (after one untimed call)."""
+    fn()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(calls):
+        fn()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
+
+
+def allocator_check(model: torch.nn.Module, configs: list[tuple], args: argparse.Namespace) -> list[dict]:
+    """torch eager whole networks with glibc's default allocator, then settled (``steady_allocator``).
+
+    Must run before anything settles the allocator (the table and ``compare_latency`` do). Per
+    batch size: the dense network's ms and page faults per forward pass, and how far the same
+    networks move between two round-robin passes, in either state.
+    """
+    dense = export(model, (DENSE,) * len(configs[0]))
+    networks = {i: export(model, config) for i, config in enumerate(configs)}
+    out = []
+    for state in ("default", "settled"):
+        allocator = steady_allocator() if state == "settled" else "glibc default (or this platform's)"
+        for batch in args.batches:
+            print(f"[allocator {state}, torch, batch {batch}] timing {len(networks) + 1} whole networks, twice", flush=True)
+            x = torch.randn(batch, *SHAPE)
+            fns = {"dense": forward_fn(dense, (x,), "torch", args.threads)}
+            fns.update({i: forward_fn(net, (x,), "torch", args.threads) for i, net in networks.items()})
+            with torch.inference_mode():
+                faults = _faults_per_forward(fns["dense"])
+                a, b = (
+                    _bench(fns, warmup=args.warmup, repeats=args.net_repeats, block_ms=1.0, quantile=args.quantile, sync=lambda: None)
+                    for _ in range(2)
+                )
+            nets_a, nets_b = np.array([a[i] for i in networks]), np.array([b[i] for i in networks])
+            out.append(
+                {
+                    "state": state,
+                    "allocator": allocator,
+                    "batch_size": batch,
+                    "dense_ms": [a["dense"], b["dense"]],
+                    "dense_page_faults_per_forward": faults,
+                    "median_network_ms": float(np.median((nets_a + nets_b) / 2)),
+                    "median_pass_to_pass_relative_difference": float(np.median(np.abs(nets_a - nets_b) / ((nets_a + nets_b) / 2))),
+                    "spearman_pass_to_pass": spearman(nets_a, nets_b),
+                }
+            )
+    return out
+
+
+class _Block(torch.nn.Module):
+    """One of PaperNet's conv steps: conv, ReLU, 2x2 max-pooling."""
+
+    def __init__(self, conv: torch.nn.Module) -> None:
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.max_pool2d(torch.nn.functional.relu(self.conv(x)), 2)
+
+
+class _Head(torch.nn.Module):
+    """PaperNet's classifier in eval mode: FC, ReLU, FC."""
+
+    def __init__(self, net: PaperNet) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = net.fc1, net.fc2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.nn.functional.relu(self.fc1(x.flatten(1))))
+
+
+def pieces_check(net: PaperNet, runtime: str, batch: int, args: argparse.Namespace) -> dict:
+    """The network timed whole and as its five pieces apart (each conv step, the head), in one pass.
+
+    Why the table's rest is anchored to a whole network: what the pieces' sum exceeds the whole
+    by (a call per piece, layout conversions at the boundaries) is time no per-layer entry sees.
+    """
+    pieces = [_Block(net.conv1), _Block(net.conv2), _Block(net.conv3), _Block(net.conv4), _Head(net)]
+    x = torch.randn(batch, *SHAPE)
+    fns = {"whole": forward_fn(net, (x,), runtime, args.threads)}
+    with torch.no_grad():
+        for i, piece in enumerate(pieces):
+            fns[i] = forward_fn(piece, (x,), runtime, args.threads)
+            x = piece(x)
+    with torch.inference_mode():
+        times = _bench(fns, warmup=args.warmup, repeats=args.repeats, block_ms=1.0, quantile=args.quantile, sync=lambda: None)
+    total = sum(times[i] for i in range(len(pieces)))
+    return {"whole_ms": times["whole"], "pieces_ms": [times[i] for i in range(len(pieces))], "pieces_over_whole": total / times["whole"]}
 
 
 def _dense_macs(model: torch.nn.Module, name: str) -> int:
@@ -174,6 +295,43 @@ def markdown(summary: dict) -> str:
             f"| {r['mean_predicted_over_measured']:.3f} | {r['spearman_macs']:.3f} "
             f"| {r['auto_fuse_configs_changed']}/{len(r['rows'])}, {r['auto_fuse_median_speedup']:.2f}x |"
         )
+    lines += [
+        "",
+        "The measurement's own noise, and the table judged only where the measurement can tell networks apart. "
+        "Every network was timed in two round-robin passes (the figures above use their mean); the anchor network "
+        "(every layer dense) was timed once inside the table and once beside the networks; \"pairs apart\" are the "
+        "pairs whose measured times differ by more than twice the median pass-to-pass difference; \"pieces / whole\" "
+        "is the anchor network timed as its five pieces apart (four conv steps and the head) over it timed whole, "
+        "the time no per-layer entry sees and the anchored rest holds.",
+        "",
+        "| runtime | batch | pass-to-pass: Spearman, median difference | anchor: in table, beside networks (ms) "
+        "| pairs apart | table orders them right | MACs orders them right | pieces / whole |",
+        "|" + " --- |" * 8,
+    ]
+    for r in summary["results"]:
+        pt, pm = r["pairs_table"], r["pairs_macs"]
+        lines.append(
+            f"| {r['runtime']} | {r['batch_size']} | {r['spearman_pass_to_pass']:.3f}, {r['median_pass_to_pass_relative_difference']:.1%} "
+            f"| {r['anchor_ms']['table']:.3f}, {r['anchor_ms']['networks_pass']:.3f} "
+            f"| {pt['pairs']} of {len(r['rows']) * (len(r['rows']) - 1) // 2} (> {pt['margin']:.1%}) "
+            f"| {pt['fraction']:.1%} | {pm['fraction']:.1%} | {r['pieces']['pieces_over_whole']:.2f} |"
+        )
+    if summary.get("allocator"):
+        lines += [
+            "",
+            "torch eager with glibc's default allocator, then settled (`gross.latency.steady_allocator`), timed "
+            "before anything else in the run: the dense network, and the same random networks in two passes.",
+            "",
+            "| allocator | batch | dense network, two passes (ms) | page faults per forward | median network (ms) "
+            "| pass-to-pass: Spearman, median difference |",
+            "|" + " --- |" * 6,
+        ]
+        for a in summary["allocator"]:
+            lines.append(
+                f"| {a['state']} | {a['batch_size']} | {a['dense_ms'][0]:.2f}, {a['dense_ms'][1]:.2f} "
+                f"| {a['dense_page_faults_per_forward']:.0f} | {a['median_network_ms']:.2f} "
+                f"| {a['spearman_pass_to_pass']:.3f}, {a['median_pass_to_pass_relative_difference']:.1%} |"
+            )
     lines += ["", "Measured whole networks, ms (median over configurations):", ""]
     lines += ["| runtime | batch | min | median | max |", "|" + " --- |" * 5]
     for r in summary["results"]:
@@ -226,6 +384,10 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads of either runtime")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--no-allocator-check", action="store_true",
+        help="skip timing torch with glibc's default allocator before settling it (about a minute)",
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     if "onnxruntime" in args.runtimes:
@@ -252,6 +414,8 @@ def main() -> None:
         "goal_spearman": GOAL,
         "results": [],
     }
+    if "torch" in args.runtimes and not args.no_allocator_check:
+        summary["allocator"] = allocator_check(model, configs, args)
     for runtime in args.runtimes:
         for batch in args.batches:
             res = run_setup(model, runtime, batch, configs, args)

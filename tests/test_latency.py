@@ -1,6 +1,8 @@
 """Latency tables: structure, costs, JSON and runtimes (timings are noisy, so never their values)."""
 
 import json
+import platform
+import resource
 import sys
 
 import numpy as np
@@ -18,6 +20,7 @@ from gross.latency import (
     latency_table,
     measure_latency,
     normalize_choice,
+    steady_allocator,
 )
 from gross.models import PaperNet
 from gross.runtime import RuntimeMissing, check_runtime, forward_fn
@@ -113,6 +116,7 @@ def test_latency_table_structure(small_net, tmp_path):
     assert table.cost((DENSE,) * 3) == pytest.approx(table.meta["anchor"]["ms"])
     assert table.meta["batch_size"] == 3 and table.meta["device"] == "cpu"
     assert table.meta["threads"] == torch.get_num_threads() and table.meta["torch"] == torch.__version__
+    assert table.meta["allocator"] == steady_allocator()
     assert table.cost(config) == pytest.approx(table.rest + sum(o[s] for o, s in zip(table.options, config)))
     table.save(tmp_path / "t.json")
     assert LatencyTable.load(tmp_path / "t.json") == table
@@ -147,6 +151,20 @@ def test_dense_conv_equals_bottleneck():
     x = torch.randn(2, 6, 9, 9, dtype=torch.float64)
     for s in layer.group_sizes:
         torch.testing.assert_close(layer.dense_conv(s)(x), layer.bottleneck(s)(x), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_steady_allocator_reuses_freed_activations():
+    state = steady_allocator()
+    assert state == steady_allocator() and "mmap threshold 32 MiB" in state
+    x = torch.randn(64, 32, 32, 32)  # 8 MiB, as one activation of the paper network at batch 64
+    for _ in range(3):
+        x * 2
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(10):
+        x * 2  # a fresh 8 MiB result, freed at once
+    # Handed back to the kernel at every free, each would fault its 2048 pages in again.
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < 500
 
 
 def test_measure_and_compare_latency():

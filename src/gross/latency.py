@@ -28,6 +28,15 @@ runtime, batch size, thread count and device (:attr:`LatencyTable.setup`); one m
 another setup predicts the wrong thing, so :meth:`LatencyTable.mismatch` says how it differs
 and its users refuse or remeasure it.
 
+On the CPU, timing first settles the memory allocator (:func:`steady_allocator`). torch eager
+allocates every activation anew; glibc's malloc hands a large block back to the kernel when it is
+freed, so the next forward pass faults its pages in again. At batch 64 on the paper network that
+was some 4,600 page faults and half the time of a forward pass (31 ms against 18 ms with the
+allocator settled), and since glibc moves its thresholds with the process's history, the same
+network timed in two passes of one process differed by up to 30%: more than the table's layers
+differ from each other. Settled, a block up to 32 MiB is reused instead (activations larger than
+that still fault, every time alike). ``python benchmarks/latency_table.py`` measures both.
+
 What the table cannot see: interactions between layers that depend on the choices (caches
 warmed by the previous layer, a layer whose kernels leave the blocked layout that the anchor's
 kept). Timing each candidate
@@ -39,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
 import json
 import math
 import os
@@ -66,6 +76,7 @@ __all__ = [
     "measure_latency",
     "compare_latency",
     "normalize_choice",
+    "steady_allocator",
 ]
 
 DENSE = "dense"
@@ -291,6 +302,38 @@ class LatencyTable:
         return cls.from_dict(data)
 
 
+_STEADY = "glibc malloc: mmap threshold 32 MiB, trim threshold 64 MiB"
+_steady: str | None = None
+
+
+def steady_allocator() -> str:
+    """Settle glibc's malloc so that freed activations are reused, not faulted in again; returns what was done.
+
+    Sets ``M_MMAP_THRESHOLD`` to 32 MiB and ``M_TRIM_THRESHOLD`` to 64 MiB, the largest values
+    glibc's own dynamic tuning can reach, for the rest of the process (``mallopt`` cannot hand
+    the tuning back). A serving process gets the same with ``MALLOC_MMAP_THRESHOLD_=33554432
+    MALLOC_TRIM_THRESHOLD_=67108864`` in its environment, or with jemalloc or tcmalloc. The price
+    is memory: freed blocks below 32 MiB stay with the process. Elsewhere than glibc (macOS,
+    musl) nothing is done and the return value says so. :func:`latency_table` and
+    :func:`compare_latency` call it before timing on the CPU and record its return value in
+    their ``meta`` / ``allocator``.
+    """
+    global _steady
+    if _steady is None:
+        _steady = "unchanged (not glibc)"
+        if platform.libc_ver()[0] == "glibc":
+            try:
+                libc = ctypes.CDLL("libc.so.6")
+            except OSError:
+                libc = None
+            # M_TRIM_THRESHOLD = -1, M_MMAP_THRESHOLD = -3 (malloc.h); 32 MiB is glibc's ceiling.
+            if libc is not None and libc.mallopt(-3, 32 << 20) == 1 and libc.mallopt(-1, 64 << 20) == 1:
+                _steady = _STEADY
+            else:
+                _steady = "unchanged (mallopt refused)"
+    return _steady
+
+
 def _synchronizer(device: torch.device) -> Callable[[], None]:
     if device.type == "cuda":
         return lambda: torch.cuda.synchronize(device)
@@ -366,6 +409,7 @@ def _meta(setup: Mapping, warmup: int, repeats: int, block_ms: float, quantile: 
         "repeats": repeats,
         "block_ms": block_ms,
         "quantile": quantile,
+        "allocator": steady_allocator() if torch.device(setup["device"]).type == "cpu" else "unchanged (not the CPU)",
     }
 
 
@@ -421,7 +465,8 @@ def latency_table(
     exported as its own small ONNX graph and timed in an ``InferenceSession``. The rest is the
     anchor network (every layer dense, or at its largest group size without ``include_dense``)
     timed whole, less its layers' entries (see the module docstring). Timing runs in
-    eval mode (under ``torch.inference_mode`` for torch) on a copy of ``model``.
+    eval mode (under ``torch.inference_mode`` for torch) on a copy of ``model``, on the CPU
+    after :func:`steady_allocator`.
 
     Parameters
     ----------
@@ -501,12 +546,12 @@ def latency_table(
         # Only now that every candidate is built: the copy loses its GroSS layers here.
         _replace(net, name, _candidate(layer, anchor[name]))
     fns[whole] = forward_fn(net, (torch.randn(shape, device=device, dtype=dtype),), runtime, setup["threads"])
+    meta = _meta(setup, warmup, repeats, block_ms, quantile)  # settles the CPU allocator before timing
     with _torch_threads(setup["threads"]), torch.inference_mode():
         times = _bench(
             fns, warmup=warmup, repeats=repeats, block_ms=block_ms, quantile=quantile, sync=_synchronizer(device)
         )
     names = tuple(name for name, _ in layers)
-    meta = _meta(setup, warmup, repeats, block_ms, quantile)
     meta["anchor"] = {"config": [str(anchor[name]) for name in names], "ms": times[whole]}
     return LatencyTable(
         layers=names,
@@ -539,7 +584,8 @@ def compare_latency(
     """ms per forward pass (median by default) of several whole networks, timed round-robin.
 
     Timing the networks in turns, not one after the other, keeps drift in machine load from
-    favouring whichever ran first. Runs in eval mode on copies: torch under
+    favouring whichever ran first. On the CPU the allocator is settled first
+    (:func:`steady_allocator`), as for :func:`latency_table`. Runs in eval mode on copies: torch under
     ``torch.inference_mode``, onnxruntime on each network's ONNX graph at this batch size.
 
     Parameters
@@ -562,6 +608,8 @@ def compare_latency(
         net = copy.deepcopy(model).to(dev).eval()
         fns[key] = forward_fn(net, (torch.randn(shape, device=dev, dtype=dtype),), runtime, threads)
     dev = devices.pop() if devices else torch.device("cpu")
+    if dev.type == "cpu":
+        steady_allocator()
     with _torch_threads(threads), torch.inference_mode():
         return _bench(fns, warmup=warmup, repeats=repeats, block_ms=block_ms, quantile=quantile, sync=_synchronizer(dev))
 
