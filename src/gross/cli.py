@@ -206,6 +206,17 @@ def _text_table(head: Sequence[str], lines: Sequence[Sequence[str]], left: set[i
 # Command line
 
 
+CONFIG_HELP = "2,32,64 (group sizes by position) or conv2=2,conv3=32,..."
+SETUP_FLAGS = ("runtime", "batch_size")  # the command-line half of latency.*: where latency is measured
+
+
+def _setup_args(parser: argparse.ArgumentParser) -> None:
+    """--runtime and --batch-size, for every command that measures latency."""
+    parser.add_argument("--runtime", choices=RUNTIMES, help="where latency is measured: torch (eager) or onnxruntime (needs "
+                        "gross[export]); default latency.runtime, torch")
+    parser.add_argument("--batch-size", type=int, metavar="B", help="images per timed forward pass (default latency.batch_size, 1)")
+
+
 def _common(parser: argparse.ArgumentParser, stage: bool = True, force: bool = True, force_help: str | None = None) -> None:
     g = parser.add_argument_group("configuration")
     g.add_argument("--config-file", "-c", metavar="YAML", help="configuration file (default: the run folder's config.yaml when it exists)")
@@ -342,9 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=SET_HELP, formatter_class=fmt)
     _common(p, stage=False, force_help="measure the latency table again")
     p.add_argument("--max-ms", type=float, metavar="X", help="latency budget in predicted ms (default: the original network's)")
-    p.add_argument("--runtime", choices=RUNTIMES, help="where to time: torch (eager) or onnxruntime (needs gross[export]; "
-                   "default latency.runtime, torch)")
-    p.add_argument("--batch-size", type=int, metavar="B", help="images per timed forward pass (default latency.batch_size, 1)")
+    _setup_args(p)
     p.add_argument("--repeats", type=int, metavar="N", help="timed samples per candidate (default latency.repeats, 25)")
     p.add_argument("--out", type=Path, metavar="TABLE.json", help="write here (default search.latency_table: RUN/latency/table.json)")
 
@@ -356,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=SET_HELP, formatter_class=fmt)
     _common(p, stage=False)
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--config", metavar="SIZES", help="2,32,64 (by position; 0: the original dense conv) or conv2=2,... "
+    which.add_argument("--config", metavar="SIZES", help=f"{CONFIG_HELP}; 0 is the original dense conv "
                        "(other layers at their largest size)")
     which.add_argument("--best", action="store_true", help="the search's best, from search/best.json (the default unless export.config is set)")
     p.add_argument("--fuse", choices=["auto", "none", "all"], help="bottlenecks exported as one dense conv of the same outputs: none "
@@ -364,8 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "measured when missing) or all")
     p.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=None, help="write net.onnx (default export.onnx, yes)")
     p.add_argument("--opset", type=int, metavar="N", help="ONNX opset (default export.opset, 18)")
-    p.add_argument("--runtime", choices=RUNTIMES, help="runtime of the latency comparison: torch or onnxruntime (default latency.runtime, torch)")
-    p.add_argument("--batch-size", type=int, metavar="B", help="batch size of the latency comparison (default latency.batch_size, 1)")
+    _setup_args(p)
 
     p = sub.add_parser("report", help="report.md and plots of the search (and export)",
                        description=_wrap("Write RUN/report.md with pareto.png and front_group_sizes.png (latency.png with a latency "
@@ -378,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description=_wrap("Decompose the base network at one group size per layer, reconstruct and finetune it "
                        "with the fixed.* settings, into fixed/<config>/."), epilog=SET_HELP, formatter_class=fmt)
     _common(p)
-    p.add_argument("--config", action="append", default=[], metavar="SIZES", help="2,32,64 (by position) or conv2=2,conv3=32,... (repeatable; default fixed.configs)")
+    p.add_argument("--config", action="append", default=[], metavar="SIZES", help=f"{CONFIG_HELP} (repeatable; default fixed.configs)")
     p.add_argument("--uniform", action="append", type=int, default=[], metavar="SIZE", help="the same group size in every layer (repeatable)")
     p = sub.add_parser("evaluate", help="accuracy and MACs of configurations of a trained model",
                        description=_wrap("Evaluate a stage's model (default the finetuned GroSS network) at configurations."),
@@ -386,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, stage=False, force=False)
     p.add_argument("--stage", default="finetune", choices=["train", "decompose", "reconstruct", "finetune"], help="whose model.safetensors to evaluate (default finetune)")
     p.add_argument("--checkpoint", type=Path, help="evaluate this model.safetensors instead")
-    p.add_argument("--config", action="append", default=[], metavar="SIZES", help="2,32,64 or conv2=2,... (repeatable)")
+    p.add_argument("--config", action="append", default=[], metavar="SIZES", help=f"{CONFIG_HELP} (repeatable)")
     p.add_argument("--uniform", action="store_true", help="every uniform configuration")
     p.add_argument("--samples", type=int, help="this many random configurations")
     p.add_argument("--split", choices=["val", "test"], help="default evaluate.split (val)")
@@ -425,12 +433,10 @@ def _flag_overrides(args: argparse.Namespace) -> list[dict]:
             search["test"] = True
         out.append({"search": search})
     elif args.command == "latency":
-        latency = {k: getattr(args, k) for k in ("runtime", "batch_size", "repeats") if getattr(args, k) is not None}
-        out.append({"latency": latency})
+        out.append({"latency": {k: getattr(args, k) for k in (*SETUP_FLAGS, "repeats") if getattr(args, k) is not None}})
     elif args.command == "export":
-        export = {k: getattr(args, k) for k in ("fuse", "onnx", "opset") if getattr(args, k) is not None}
-        out.append({"export": export})
-        out.append({"latency": {k: getattr(args, k) for k in ("runtime", "batch_size") if getattr(args, k) is not None}})
+        out.append({"export": {k: getattr(args, k) for k in ("fuse", "onnx", "opset") if getattr(args, k) is not None}})
+        out.append({"latency": {k: getattr(args, k) for k in SETUP_FLAGS if getattr(args, k) is not None}})
     return out
 
 

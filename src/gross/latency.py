@@ -489,9 +489,10 @@ def latency_table(
     block_ms : float
         Each sample repeats the call until it lasts about this long.
     quantile : float
-        Which quantile of the samples the table holds: 0.5, the median, by default. On cores
-        shared with other processes, preemption adds milliseconds to many of the samples; a low
-        quantile (0 keeps the fastest) discards those (see ``benchmarks/latency_table.py``).
+        Which quantile of the samples the table holds: 0.5, the median, by default. The
+        fastest sample (0) looks cleaner but is the less reproducible on shared virtual
+        machines, whose speed changes for seconds at a time (see ``benchmarks/latency_table.py``);
+        on oversubscribed cores, where most samples are preempted, a low quantile may serve better.
     include_dense : bool
         Also time the original dense conv of every layer (choice ``"dense"``).
 
