@@ -152,39 +152,51 @@ def run_setup(model: torch.nn.Module, runtime: str, batch: int, configs: list[tu
                 "auto_measured_ms": measured[("auto", i) if fused[i] else ("plain", i)],
             }
         )
-    pred = np.array([r["predicted_ms"] for r in rows])
-    meas = np.array([r["measured_ms"] for r in rows])
-    auto = np.array([r["auto_measured_ms"] for r in rows])
-    relative = np.abs(pred - meas) / meas
-    a, b = (np.array(one) for one in zip(*[row["measured_passes_ms"] for row in rows]))
-    # The measurement's own noise: how far the same network moves between two passes.
-    noise = float(np.median(np.abs(a - b) / meas))
-    # The machine's drift between the table's pass and the networks' pass, taken out: the anchor
-    # network was timed in both, so shifting every prediction by its difference leaves the table's own error.
-    shift = measured[("anchor",)] - table.meta["anchor"]["ms"]
-    reanchored = np.abs(pred + shift - meas) / meas
-    return {
+    result = {
         "runtime": runtime,
         "batch_size": batch,
         "setup": table.setup,
         "table": table.to_dict(),
         "seconds": {"table": round(table_s, 1), "networks": round(measure_s, 1)},
+        "anchor_ms": {"table": table.meta["anchor"]["ms"], "networks_pass": measured[("anchor",)]},
+        "pieces": pieces,
+        "rows": rows,
+    }
+    return {**result, **scores(result)}
+
+
+def scores(result: dict) -> dict:
+    """Every figure that compares the table with the measured networks, from ``result``'s rows."""
+    rows = result["rows"]
+    pred = np.array([r["predicted_ms"] for r in rows])
+    meas = np.array([r["measured_ms"] for r in rows])
+    auto = np.array([r["auto_measured_ms"] for r in rows])
+    macs = np.array([r["macs"] for r in rows])
+    relative = np.abs(pred - meas) / meas
+    a, b = (np.array(one) for one in zip(*[row["measured_passes_ms"] for row in rows]))
+    # The measurement's own noise: how far the same network moves between two passes, once the
+    # machine's speed change between them (one factor for all, as the networks take turns) is out.
+    drift = float(np.median(a / b))
+    noise = float(np.median(np.abs(a - drift * b) / meas))
+    # The machine's drift between the table's pass and the networks' pass, taken out: the anchor
+    # network was timed in both, so shifting every prediction by its difference leaves the table's own error.
+    shift = result["anchor_ms"]["networks_pass"] - result["anchor_ms"]["table"]
+    reanchored = np.abs(pred + shift - meas) / meas
+    return {
         "spearman_table": spearman(pred, meas),
         "pearson_table": pearson(pred, meas),
-        "spearman_macs": spearman([r["macs"] for r in rows], meas),
+        "spearman_macs": spearman(macs, meas),
         "mean_abs_relative_error": float(np.mean(relative)),
         "median_abs_relative_error": float(np.median(relative)),
         "mean_predicted_over_measured": float(np.mean(pred / meas)),
         "mean_abs_relative_error_reanchored": float(np.mean(reanchored)),
         "spearman_pass_to_pass": spearman(a, b),
+        "pass_to_pass_speed_ratio": drift,
         "median_pass_to_pass_relative_difference": noise,
-        "anchor_ms": {"table": table.meta["anchor"]["ms"], "networks_pass": measured[("anchor",)]},
         "pairs_table": pair_agreement(pred, meas, 2 * noise),
-        "pieces": pieces,
-        "pairs_macs": pair_agreement(np.array([r["macs"] for r in rows]), meas, 2 * noise),
+        "pairs_macs": pair_agreement(macs, meas, 2 * noise),
         "auto_fuse_configs_changed": sum(bool(r["fused"]) for r in rows),
         "auto_fuse_median_speedup": float(np.median(meas / auto)),
-        "rows": rows,
     }
 
 
@@ -308,19 +320,21 @@ def markdown(summary: dict) -> str:
         "The measurement's own noise, and the table judged only where the measurement can tell networks apart. "
         "Every network was timed in two round-robin passes (the figures above use their mean); the anchor network "
         "(every layer dense) was timed once inside the table and once beside the networks; \"pairs apart\" are the "
-        "pairs whose measured times differ by more than twice the median pass-to-pass difference; \"pieces / whole\" "
+        "pairs whose measured times differ by more than twice the median pass-to-pass difference (after scaling the "
+        "second pass by the speed ratio, the median of first over second, as the machine's speed changes between passes); \"pieces / whole\" "
         "is the anchor network timed as its five pieces apart (four conv steps and the head) over it timed whole, "
         "the time no per-layer entry sees and the anchored rest holds; \"re-anchored\" shifts every prediction by the "
         "anchor's difference between the two passes, taking out the machine's drift between them.",
         "",
-        "| runtime | batch | pass-to-pass: Spearman, median difference | anchor: in table, beside networks (ms) "
+        "| runtime | batch | pass-to-pass: Spearman, speed ratio, median difference | anchor: in table, beside networks (ms) "
         "| mean abs. rel. error, re-anchored | pairs apart | table orders them right | MACs orders them right | pieces / whole |",
         "|" + " --- |" * 9,
     ]
     for r in summary["results"]:
         pt, pm = r["pairs_table"], r["pairs_macs"]
         lines.append(
-            f"| {r['runtime']} | {r['batch_size']} | {r['spearman_pass_to_pass']:.3f}, {r['median_pass_to_pass_relative_difference']:.1%} "
+            f"| {r['runtime']} | {r['batch_size']} | {r['spearman_pass_to_pass']:.3f}, {r['pass_to_pass_speed_ratio']:.2f}, "
+            f"{r['median_pass_to_pass_relative_difference']:.1%} "
             f"| {r['anchor_ms']['table']:.3f}, {r['anchor_ms']['networks_pass']:.3f} | {r['mean_abs_relative_error_reanchored']:.1%} "
             f"| {pt['pairs']} of {len(r['rows']) * (len(r['rows']) - 1) // 2} (> {pt['margin']:.1%}) "
             f"| {pt['fraction']:.1%} | {pm['fraction']:.1%} | {r['pieces']['pieces_over_whole']:.2f} |"
@@ -398,7 +412,14 @@ def main() -> None:
         help="skip timing torch with glibc's default allocator before settling it (about a minute)",
     )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument(
+        "--rescore", action="store_true",
+        help="time nothing: recompute every score of OUT/latency_table.json from its rows, and rewrite its .md and .png",
+    )
     args = parser.parse_args()
+    if args.rescore:
+        rescore(args.out)
+        return
     if "onnxruntime" in args.runtimes:
         require_onnxruntime()  # say what to install before anything runs
     torch.set_num_threads(args.threads)
@@ -431,9 +452,7 @@ def main() -> None:
             summary["results"].append(res)
             summary["load_average_after"] = list(os.getloadavg())
             summary["seconds"] = round(time.perf_counter() - start, 1)
-            atomic_write(args.out / "latency_table.json", json.dumps(summary, indent=1) + "\n")
-            atomic_write(args.out / "latency_table.md", markdown(summary))
-            plot(summary["results"], args.out / "latency_table.png")
+            write(summary, args.out)
             print(
                 f"[{runtime}, batch {batch}] Spearman(table, measured) {res['spearman_table']:.3f} "
                 f"({'meets' if res['spearman_table'] >= GOAL else 'misses'} {GOAL})  Pearson {res['pearson_table']:.3f}  "
@@ -443,6 +462,20 @@ def main() -> None:
                 flush=True,
             )
     print(f"wrote {args.out}/latency_table.{{json,md,png}} in {summary['seconds']} s")
+
+
+def write(summary: dict, out: Path) -> None:
+    atomic_write(out / "latency_table.json", json.dumps(summary, indent=1) + "\n")
+    atomic_write(out / "latency_table.md", markdown(summary))
+    plot(summary["results"], out / "latency_table.png")
+
+
+def rescore(out: Path) -> None:
+    """The scores of a finished run derived again from its rows: how they are computed may change, the timings do not."""
+    summary = json.loads((out / "latency_table.json").read_text())
+    summary["results"] = [{**res, **scores(res)} for res in summary["results"]]
+    write(summary, out)
+    print(f"rescored {out}/latency_table.{{json,md,png}}")
 
 
 def _version(package: str) -> str | None:

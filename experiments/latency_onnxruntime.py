@@ -20,13 +20,15 @@ configuration is scored again: the search's ``results.csv`` is reused.
    whose predicted latency fits, each layer at the faster of its bottleneck and the dense conv
    (``latency/search/``), exported with those layers fused (``latency/export/``).
 3. The MACs choice: ``gross search --budget uniform:16`` (``--macs-budget``; the paper's budget
-   rule) and its export (``search/``, ``export/``).
-4. The original and both choices timed together, round robin, on each runtime at batch 1 and
+   rule) and its export (``search/``, ``export/``). Then step 2's search again within the MACs
+   choice's predicted latency: at equal latency, is choosing by latency more accurate? The two
+   latency choices are kept as ``latency/export-original-budget`` and ``latency/export-equal-budget``.
+4. The original and the three choices timed together, round robin, on each runtime at batch 1 and
    ``--batch-size``.
 
 Written after every step to ``--out``: ``summary.json``, ``summary.md`` and ``latency.png`` (val
-accuracy against the table's predicted latency of every configuration, with the budget and the
-three networks). A few minutes on 2 cores; a smoke test with ``--repeats 3 --threads 1``.
+accuracy against the table's predicted latency of every configuration, with the
+four networks, and both budgets). A few minutes on 2 cores; a smoke test with ``--repeats 3 --threads 1``.
 """
 
 from __future__ import annotations
@@ -74,6 +76,11 @@ def prepare(run: Path, work: Path) -> None:
                 shutil.copy2(run / "search" / name, work / folder / name)
 
 
+def _keep(work: Path, name: str) -> None:
+    """A copy of latency/export as latency/export-NAME: the next ``stage_latency`` replaces the folder."""
+    shutil.copytree(work / "latency" / "export", work / "latency" / f"export-{name}", dirs_exist_ok=True)
+
+
 def network_row(summary: dict, which: str) -> dict:
     """One network of an export summary: its configuration, accuracies, size and fused layers."""
     return {
@@ -97,7 +104,8 @@ def markdown(summary: dict) -> str:
         f"choice the most accurate within the MACs of {summary['macs_budget']}. Accuracies from the run's search (val chose, "
         f"test reported only); no configuration was scored again. {summary['configurations_within_budget']} of "
         f"{summary['configurations']} configurations are predicted to fit the budget (with the dense conv as a per-layer "
-        "choice every one does: fusing a layer gives it the original's time).",
+        "choice every one does: fusing a layer gives it the original's time). The last row is the same search within "
+        f"the MACs choice's predicted latency, {summary['equal_budget_ms']:.3f} ms: at equal latency, which is more accurate.",
         "",
     ]
     setups = list(summary.get("measured", {}))
@@ -129,7 +137,8 @@ def plot(rows: list[dict], summary: dict, path: Path) -> None:
     ax = fig.add_subplot()
     ax.scatter([r["predicted_ms"] for r in rows], [100 * r["val_accuracy"] for r in rows], s=10, color="0.65", label="every configuration")
     ax.axvline(summary["budget_ms"], color="tab:red", lw=1, ls="--", label="budget: the original, measured")
-    for (name, row), color in zip(summary["networks"].items(), ("k", "tab:green", "tab:blue")):
+    ax.axvline(summary["equal_budget_ms"], color="tab:orange", lw=1, ls=":", label="budget: the MACs choice, predicted")
+    for (name, row), color in zip(summary["networks"].items(), ("k", "tab:green", "tab:blue", "tab:orange")):
         label = name if row["config"] == "-" else f"{name} {row['config']}"
         ax.scatter([row["predicted_ms"]], [100 * row["val_accuracy"]], s=60, marker="D", color=color, label=label, zorder=3)
     ax.set_xlabel(f"predicted ms ({describe_setup(summary['setup'])})")
@@ -197,11 +206,21 @@ def main() -> None:
     pipeline.stage_search(macs_ctx)  # takes every score in search/results.csv
     macs_summary = pipeline.stage_export(dataclasses.replace(macs_ctx, force=True), best=True)
 
+    # The same search again at the MACs choice's predicted latency: at equal latency, which is more accurate?
+    summary["equal_budget_ms"] = table.cost(macs_summary["config"])  # exported unfused, so no layer at its faster choice
+    print(f"[latency] the choice within the MACs choice's predicted latency, {summary['equal_budget_ms']:.3f} ms", flush=True)
+    _keep(work, "original-budget")
+    equal_summary = pipeline.stage_latency(ctx, budget_ms=summary["equal_budget_ms"])
+    _keep(work, "equal-budget")
+
     predict = AdditiveCost.from_latency_table(table, fuse=True)
     summary["networks"] = {
         "original": {**network_row(latency_summary, "original"), "predicted_ms": summary["budget_ms"]},
         "chosen by latency": {**network_row(latency_summary, "exported"), "predicted_ms": predict(latency_summary["config"])},
-        "chosen by MACs": {**network_row(macs_summary, "exported"), "predicted_ms": predict(macs_summary["config"])},
+        "chosen by MACs": {**network_row(macs_summary, "exported"), "predicted_ms": summary["equal_budget_ms"]},
+        "chosen by latency, within the MACs choice's": {
+            **network_row(equal_summary, "exported"), "predicted_ms": predict(equal_summary["config"])
+        },
     }
     rows = read_results(work / "latency" / "search" / "results.csv")
     for row in rows:
@@ -213,8 +232,9 @@ def main() -> None:
 
     networks = {
         "original": load_model(work / "base" / "model.safetensors")[0],
-        "chosen by latency": load_export(work / "latency" / "export"),
+        "chosen by latency": load_export(work / "latency" / "export-original-budget"),
         "chosen by MACs": load_export(work / "export"),
+        "chosen by latency, within the MACs choice's": load_export(work / "latency" / "export-equal-budget"),
     }
     summary["measured"] = {}
     runtimes = [args.runtime] + [r for r in RUNTIMES if r != args.runtime]
@@ -222,7 +242,7 @@ def main() -> None:
     for batch in dict.fromkeys((args.batch_size, 1)):
         for runtime in runtimes:
             where = latency_setup(runtime, batch, args.threads, "cpu")
-            print(f"[measure] the three networks together, with {describe_setup(where)}", flush=True)
+            print(f"[measure] the four networks together, with {describe_setup(where)}", flush=True)
             summary["measured"][describe_setup(where)] = compare_latency(
                 networks, shape, runtime=runtime, batch_size=batch, threads=args.threads, repeats=args.repeats
             )

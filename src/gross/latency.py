@@ -15,8 +15,9 @@ configuration does not change, and also what timing the layers apart cannot see 
 same whatever the choices: calling each layer on its own (a Python call, an onnxruntime
 session run) and converting between layouts at every layer boundary, which onnxruntime avoids
 in a whole graph (at its default ``ORT_ENABLE_ALL`` it keeps a chain of convs in a blocked
-layout; in one measurement on the paper network at batch 64, on 2 shared cores, layers timed
-apart summed to 1.3-1.5x the whole network, and to 1.00x with that optimisation off). So the table predicts the anchor
+layout). On the paper network, its five pieces timed apart summed to 1.58x the whole network on
+onnxruntime at batch 1 and 1.17x at batch 64, and to 0.95-0.97x on torch
+(``python benchmarks/latency_table.py``, "pieces / whole"). So the table predicts the anchor
 network exactly, and the rest may be negative. It also holds the timing noise of several
 measurements, but as one constant shared by every configuration: it shifts every prediction
 alike, never their order or the choice between a bottleneck and its dense conv.
@@ -30,12 +31,12 @@ and its users refuse or remeasure it.
 
 On the CPU, timing first settles the memory allocator (:func:`steady_allocator`). torch eager
 allocates every activation anew; glibc's malloc hands a large block back to the kernel when it is
-freed, so the next forward pass faults its pages in again. At batch 64 on the paper network that
-was some 4,600 page faults and half the time of a forward pass (31 ms against 18 ms with the
-allocator settled), and since glibc moves its thresholds with the process's history, the same
-network timed in two passes of one process differed by up to 30%: more than the table's layers
-differ from each other. Settled, a block up to 32 MiB is reused instead (activations larger than
-that still fault, every time alike). ``python benchmarks/latency_table.py`` measures both.
+freed, so the next forward pass faults its pages in again, and how many depends on thresholds
+that glibc moves with the process's history. At batch 64 on the paper network that was 3,700
+page faults per forward pass and 32 ms against 24 ms with the allocator settled
+(``python benchmarks/latency_table.py``); with the faults, the table predicted 0.66 of the
+measured time, and 1.03 once settled. Settled, a block up to 32 MiB is reused instead
+(activations larger than that still fault, every time alike).
 
 What the table cannot see: interactions between layers that depend on the choices (caches
 warmed by the previous layer, a layer whose kernels leave the blocked layout that the anchor's
