@@ -55,6 +55,7 @@ from gross.runtime import forward_fn, require_onnxruntime
 
 SHAPE = (3, 32, 32)
 GOAL = 0.9  # Spearman rank correlation of prediction and measurement, every runtime and batch size
+ALLOCATOR_REPEATS = 21  # samples per network in the allocator check: a 30% difference shows with fewer than --net-repeats
 
 
 def ranks(x: np.ndarray) -> np.ndarray:
@@ -229,7 +230,7 @@ def allocator_check(model: torch.nn.Module, configs: list[tuple], args: argparse
             with torch.inference_mode():
                 faults = _faults_per_forward(fns["dense"])
                 a, b = (
-                    _bench(fns, warmup=args.warmup, repeats=args.net_repeats, block_ms=1.0, quantile=args.quantile, sync=lambda: None)
+                    _bench(fns, warmup=args.warmup, repeats=ALLOCATOR_REPEATS, block_ms=1.0, quantile=args.quantile, sync=lambda: None)
                     for _ in range(2)
                 )
             nets_a, nets_b = np.array([a[i] for i in networks]), np.array([b[i] for i in networks])
@@ -400,7 +401,7 @@ def main() -> None:
     parser.add_argument("--configs", type=int, default=24, help="random configurations (the same for every runtime and batch)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=101, help="timed samples per table entry")
-    parser.add_argument("--net-repeats", type=int, default=21, help="timed samples per whole network")
+    parser.add_argument("--net-repeats", type=int, default=61, help="timed samples per whole network and pass")
     parser.add_argument(
         "--quantile", type=float, default=0.5,
         help="quantile of the samples kept: 0.5, the median, as the library (0 keeps the fastest)",

@@ -144,7 +144,7 @@ def plot(rows: list[dict], summary: dict, path: Path) -> None:
     ax.set_xlabel(f"predicted ms ({describe_setup(summary['setup'])})")
     ax.set_ylabel("val accuracy %")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left")
     fig.savefig(path, dpi=120)
 
 

@@ -150,8 +150,8 @@ class LatencyTable:
     input_shapes : tuple of tuple of int
         Per layer: the ``(N, C, H, W)`` input it was timed with.
     meta : dict
-        Runtime and its version, device, batch size, threads, torch version, timing settings
-        (JSON-ready).
+        Runtime and its version, device, batch size, threads, torch version, timing settings,
+        the allocator's state (:func:`steady_allocator`) (JSON-ready).
     """
 
     layers: tuple[str, ...]
@@ -410,7 +410,6 @@ def _meta(setup: Mapping, warmup: int, repeats: int, block_ms: float, quantile: 
         "repeats": repeats,
         "block_ms": block_ms,
         "quantile": quantile,
-        "allocator": steady_allocator() if torch.device(setup["device"]).type == "cpu" else "unchanged (not the CPU)",
     }
 
 
@@ -548,7 +547,8 @@ def latency_table(
         # Only now that every candidate is built: the copy loses its GroSS layers here.
         _replace(net, name, _candidate(layer, anchor[name]))
     fns[whole] = forward_fn(net, (torch.randn(shape, device=device, dtype=dtype),), runtime, setup["threads"])
-    meta = _meta(setup, warmup, repeats, block_ms, quantile)  # settles the CPU allocator before timing
+    meta = _meta(setup, warmup, repeats, block_ms, quantile)
+    meta["allocator"] = steady_allocator() if device.type == "cpu" else "unchanged (not the CPU)"
     with _torch_threads(setup["threads"]), torch.inference_mode():
         times = _bench(
             fns, warmup=warmup, repeats=repeats, block_ms=block_ms, quantile=quantile, sync=_synchronizer(device)
