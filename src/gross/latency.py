@@ -15,9 +15,9 @@ configuration does not change, and also what timing the layers apart cannot see 
 same whatever the choices: calling each layer on its own (a Python call, an onnxruntime
 session run) and converting between layouts at every layer boundary, which onnxruntime avoids
 in a whole graph (at its default ``ORT_ENABLE_ALL`` it keeps a chain of convs in a blocked
-layout). On the paper network, its five pieces timed apart summed to 1.58x the whole network on
-onnxruntime at batch 1 and 1.17x at batch 64, and to 0.95-0.97x on torch
-(``python benchmarks/latency_table.py``, "pieces / whole"). So the table predicts the anchor
+layout). On the paper network, its five pieces timed apart summed to 1.58-1.77x the whole
+network on onnxruntime at batch 1 and 1.17-1.21x at batch 64, and to 0.93-0.98x on torch, in two
+runs of ``python benchmarks/latency_table.py`` ("pieces / whole"). So the table predicts the anchor
 network exactly, and the rest may be negative. It also holds the timing noise of several
 measurements, but as one constant shared by every configuration: it shifts every prediction
 alike, never their order or the choice between a bottleneck and its dense conv.
@@ -32,11 +32,12 @@ and its users refuse or remeasure it.
 On the CPU, timing first settles the memory allocator (:func:`steady_allocator`). torch eager
 allocates every activation anew; glibc's malloc hands a large block back to the kernel when it is
 freed, so the next forward pass faults its pages in again, and how many depends on thresholds
-that glibc moves with the process's history. At batch 64 on the paper network that was 3,700
-page faults per forward pass and 32 ms against 24 ms with the allocator settled
-(``python benchmarks/latency_table.py``); with the faults, the table predicted 0.66 of the
-measured time, and 1.03 once settled. Settled, a block up to 32 MiB is reused instead
-(activations larger than that still fault, every time alike).
+that glibc moves with the process's history. At batch 64 on the paper network that was
+3,700-5,500 page faults per forward pass. What they cost varied between runs of
+``python benchmarks/latency_table.py`` (32 ms against 24 ms settled in one, no difference in the
+next), and with them the table once predicted 0.66 of the measured time (1.03 settled, the same
+benchmark otherwise). Settled, a block up to 32 MiB is reused instead (activations larger than
+that still fault, every time alike).
 
 What the table cannot see: interactions between layers that depend on the choices (caches
 warmed by the previous layer, a layer whose kernels leave the blocked layout that the anchor's
