@@ -244,7 +244,9 @@ def test_latency_table_on_onnxruntime(tmp_path):
     ort = pytest.importorskip("onnxruntime")
     net = tiny_net()
     table = latency_table(net, (3, 4, 4), batch_size=2, runtime="onnxruntime", threads=1, **FAST)
-    assert table.layers == ("2",) and set(table.options[0]) == {1, 4, DENSE} and table.rest > 0
+    # No sign asserted for the rest: one session call per layer can cost more than the layer's share
+    # of the whole graph, so on onnxruntime it may well be negative (see gross.latency).
+    assert table.layers == ("2",) and set(table.options[0]) == {1, 4, DENSE}
     assert table.setup == {"runtime": "onnxruntime", "batch_size": 2, "threads": 1, "device": "cpu"}
     assert table.meta["runtime_version"] == ort.__version__
     assert table.rest == pytest.approx(table.meta["anchor"]["ms"] - table.options[0][DENSE])
