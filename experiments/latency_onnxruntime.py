@@ -155,7 +155,7 @@ def main() -> None:
     parser.add_argument("--runtime", choices=RUNTIMES, default="onnxruntime")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads of either runtime")
-    parser.add_argument("--repeats", type=int, default=25, help="timed samples per table entry and per network")
+    parser.add_argument("--repeats", type=int, default=100, help="timed samples per table entry and per network")
     parser.add_argument("--macs-budget", default="uniform:16", help="budget of the MACs choice (default the paper's uniform:16)")
     parser.add_argument("--out", type=Path, default=ROOT / "experiments" / "results" / "latency_onnxruntime")
     args = parser.parse_args()

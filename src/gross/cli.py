@@ -354,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, stage=False, force_help="measure the latency table again")
     p.add_argument("--max-ms", type=float, metavar="X", help="latency budget in predicted ms (default: the original network's)")
     _setup_args(p)
-    p.add_argument("--repeats", type=int, metavar="N", help="timed samples per candidate (default latency.repeats, 25)")
+    p.add_argument("--repeats", type=int, metavar="N", help="timed samples per candidate (default latency.repeats, 100)")
     p.add_argument("--out", type=Path, metavar="TABLE.json", help="write here (default search.latency_table: RUN/latency/table.json)")
 
     p = sub.add_parser("export", help="the plain network at one configuration (-> export/)",

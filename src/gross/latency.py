@@ -452,7 +452,7 @@ def latency_table(
     runtime: str = "torch",
     threads: int | None = None,
     warmup: int = 5,
-    repeats: int = 25,
+    repeats: int = 100,
     block_ms: float = 1.0,
     quantile: float = 0.5,
     include_dense: bool = True,
@@ -580,7 +580,7 @@ def compare_latency(
     runtime: str = "torch",
     threads: int | None = None,
     warmup: int = 5,
-    repeats: int = 25,
+    repeats: int = 100,
     block_ms: float = 1.0,
     quantile: float = 0.5,
 ) -> dict[K, float]:
@@ -626,7 +626,7 @@ def measure_latency(
     runtime: str = "torch",
     threads: int | None = None,
     warmup: int = 5,
-    repeats: int = 25,
+    repeats: int = 100,
     block_ms: float = 1.0,
     quantile: float = 0.5,
 ) -> float:
