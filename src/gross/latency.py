@@ -317,8 +317,8 @@ def steady_allocator() -> str:
     MALLOC_TRIM_THRESHOLD_=67108864`` in its environment, or with jemalloc or tcmalloc. The price
     is memory: freed blocks below 32 MiB stay with the process. Elsewhere than glibc (macOS,
     musl) nothing is done and the return value says so. :func:`latency_table` and
-    :func:`compare_latency` call it before timing on the CPU and record its return value in
-    their ``meta`` / ``allocator``.
+    :func:`compare_latency` call it before timing on the CPU; the table records its return
+    value as ``meta["allocator"]``.
     """
     global _steady
     if _steady is None:
