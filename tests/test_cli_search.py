@@ -276,3 +276,14 @@ def test_onnxruntime_missing_is_one_line_and_the_rest_works(run, capsys, monkeyp
     assert not (folder / "latency").exists() and not (folder / "export").exists()
     assert main(["latency", *args, "--repeats", "2"]) == 0  # torch needs nothing more
     assert "net.onnx not checked: onnxruntime not installed" in capsys.readouterr().out
+
+
+def test_latency_with_a_relative_runs_folder(run, capsys, monkeypatch):
+    # As the README runs it: `gross latency` with the default runs folder, relative to the working directory.
+    args, folder = run
+    monkeypatch.chdir(folder.parent.parent)
+    args = ["runs" if a == str(folder.parent) else a for a in args]
+    assert "runs" in args
+    assert main(["latency", *args, "--repeats", "2"]) == 0, capsys.readouterr().err
+    summary = json.loads((folder / "latency" / "export" / "summary.json").read_text())
+    assert summary["fuse"] == "auto"

@@ -787,7 +787,7 @@ def stage_latency(ctx: Context, path: Path | None = None, budget_ms: float | Non
 
     table = _on_lead(ctx, measured)
     cfg = copy.deepcopy(ctx.cfg)
-    cfg.search.cost, cfg.search.latency_table = "latency", str(path)
+    cfg.search.cost, cfg.search.latency_table = "latency", str(path.resolve())  # relative, it would be read inside the run folder
     # Summed as the search's cost sums (float addition in the same order), so that a configuration
     # fused into dense convs everywhere fits exactly.
     cfg.search.budget = AdditiveCost.from_latency_table(table)([DENSE] * len(names)) if budget_ms is None else budget_ms
