@@ -49,7 +49,7 @@ import torch
 
 from gross.checkpoint import atomic_write
 from gross.export import export
-from gross.latency import DENSE, RUNTIMES, _bench, compare_latency, describe_setup, latency_table, steady_allocator
+from gross.latency import DENSE, RUNTIMES, _bench, _timed, compare_latency, describe_setup, latency_table, steady_allocator
 from gross.models import PaperNet
 from gross.runtime import forward_fn, require_onnxruntime
 
@@ -284,8 +284,7 @@ def pieces_check(net: PaperNet, runtime: str, batch: int, args: argparse.Namespa
         for i, piece in enumerate(pieces):
             fns[i] = forward_fn(piece, (x,), runtime, args.threads)
             x = piece(x)
-    with torch.inference_mode():
-        times = _bench(fns, warmup=args.warmup, repeats=args.repeats, block_ms=1.0, quantile=args.quantile, sync=lambda: None)
+    times = _timed(fns, torch.device("cpu"), args.threads, warmup=args.warmup, repeats=args.repeats, block_ms=1.0, quantile=args.quantile)
     total = sum(times[i] for i in range(len(pieces)))
     return {"whole_ms": times["whole"], "pieces_ms": [times[i] for i in range(len(pieces))], "pieces_over_whole": total / times["whole"]}
 

@@ -387,6 +387,21 @@ def _bench(
     return {key: 1e3 * float(np.quantile(values, quantile)) for key, values in samples.items()}
 
 
+def _allocator(device: torch.device) -> str:
+    """The allocator that timing on ``device`` runs under: settled on the CPU (:func:`steady_allocator`)."""
+    return steady_allocator() if device.type == "cpu" else "unchanged (not the CPU)"
+
+
+def _timed(
+    fns: Mapping[K, Callable[[], object]], device: torch.device, threads: int, **bench: float
+) -> dict[K, float]:
+    """:func:`_bench` under the conditions every latency here is measured in: the allocator
+    settled on the CPU, torch's intra-op threads set to ``threads``, ``torch.inference_mode``."""
+    _allocator(device)
+    with _torch_threads(threads), torch.inference_mode():
+        return _bench(fns, sync=_synchronizer(device), **bench)
+
+
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -549,11 +564,8 @@ def latency_table(
         _replace(net, name, _candidate(layer, anchor[name]))
     fns[whole] = forward_fn(net, (torch.randn(shape, device=device, dtype=dtype),), runtime, setup["threads"])
     meta = _meta(setup, warmup, repeats, block_ms, quantile)
-    meta["allocator"] = steady_allocator() if device.type == "cpu" else "unchanged (not the CPU)"
-    with _torch_threads(setup["threads"]), torch.inference_mode():
-        times = _bench(
-            fns, warmup=warmup, repeats=repeats, block_ms=block_ms, quantile=quantile, sync=_synchronizer(device)
-        )
+    meta["allocator"] = _allocator(device)
+    times = _timed(fns, device, setup["threads"], warmup=warmup, repeats=repeats, block_ms=block_ms, quantile=quantile)
     names = tuple(name for name, _ in layers)
     meta["anchor"] = {"config": [str(anchor[name]) for name in names], "ms": times[whole]}
     return LatencyTable(
@@ -611,10 +623,7 @@ def compare_latency(
         net = copy.deepcopy(model).to(dev).eval()
         fns[key] = forward_fn(net, (torch.randn(shape, device=dev, dtype=dtype),), runtime, threads)
     dev = devices.pop() if devices else torch.device("cpu")
-    if dev.type == "cpu":
-        steady_allocator()
-    with _torch_threads(threads), torch.inference_mode():
-        return _bench(fns, warmup=warmup, repeats=repeats, block_ms=block_ms, quantile=quantile, sync=_synchronizer(dev))
+    return _timed(fns, dev, threads, warmup=warmup, repeats=repeats, block_ms=block_ms, quantile=quantile)
 
 
 def measure_latency(
