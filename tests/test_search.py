@@ -244,11 +244,42 @@ def test_evaluate_rejects_invalid_configs():
 
 
 def test_macs_and_params_costs_match_counting_and_export():
+    # A layer costs the cheaper of its bottleneck and its dense conv; exported with exactly the
+    # layers the cost calls dense fused, the network has those MACs and parameters and the
+    # GroSS network's outputs.
     model = small_paper_net()
+    names = [name for name, _ in gross.gross_layers(model)]
     macs, params = S.macs_cost(model, (3, 32, 32)), S.params_cost(model)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    seen_dense = set()
     for config in [(1, 1, 1), (8, 4, 16), (2, 8, 4)]:
-        assert macs(config) == gross.count_macs(model, (3, 32, 32), config).total
-        assert params(config) == sum(p.numel() for p in gross.export(model, config).parameters())
+        assert macs.of(config) == gross.count_macs(model, (3, 32, 32), config).total  # every layer its bottleneck
+        gross.set_config(model, config)
+        for cost, count in ((macs, lambda m: gross.count_macs(m, (3, 32, 32)).total), (params, lambda m: sum(p.numel() for p in m.parameters()))):
+            dense = [names[i] for i in cost.dense_layers(config)]
+            seen_dense.update(dense)
+            exported = gross.export(model, config, fuse=dense)
+            assert cost(config) == count(exported)
+            torch.testing.assert_close(exported(x), model(x))
+    assert seen_dense == {"conv2", "conv4"}  # 8 of 8 and 16 of 16 channels: dearer than the dense conv
+
+
+def test_the_dense_choice_costs_the_original_conv():
+    original = PaperNet(widths=(8, 8, 16, 16))
+    model = small_paper_net()
+    table = gross.macs_table(model, (3, 32, 32))
+    counted = gross.count_macs(original, (3, 32, 32)).per_layer
+    assert table.dense == tuple(counted[name] for name in table.layers)
+    assert table.cost((0, "dense", 1)) == sum(counted[n] for n in counted if n != "conv4") + table.options[2][1]
+    # With the dense choice no layer costs more than the original conv, and no configuration
+    # more than the original network; without it the largest sizes do.
+    space = gross.search_space(model)
+    with_dense, bottlenecks = S.macs_cost(model, (3, 32, 32)), S.macs_cost(model, (3, 32, 32), dense=False)
+    total = sum(counted.values())
+    assert max(with_dense(c) for c in itertools.product(*space)) <= total
+    assert bottlenecks(tuple(s[-1] for s in space)) > total
+    # uniform:G is the paper's uniform network, every layer its bottleneck, with or without it.
+    assert S.resolve_budget("uniform:8", space, with_dense) == bottlenecks((8, 8, 8)) > with_dense((8, 8, 8))
 
 
 def test_uniform_budget_takes_the_largest_valid_size_below():
@@ -439,16 +470,19 @@ def test_search_writes_csv_and_summary(tmp_path):
     feasible = list(S.feasible_configs(gross.search_space(model), macs, result.limit))
     assert result.limit == macs((4, 4, 4)) and result.cost_name == "macs"
     rows = read_rows(tmp_path / "results.csv")
-    assert list(rows[0]) == ["config", "cost", "macs", "params", "val_accuracy", "val_loss", "test_accuracy"]
+    assert list(rows[0]) == ["config", "cost", "macs", "params", "val_accuracy", "val_loss", "test_accuracy", "dense"]
     assert sorted(S.parse_config(r["config"]) for r in rows) == sorted(feasible)
     params = S.params_cost(model)
+    names = [name for name, _ in gross.gross_layers(model)]
     expected = dict(zip(feasible, S.evaluate_configs(model, feasible, val)))
     expected_test = dict(zip(feasible, S.evaluate_configs(model, feasible, test)))
     for row in rows:
         config = S.parse_config(row["config"])
         assert row["config"] == "-".join(map(str, config))
+        dense = macs.dense_layers(config)
         assert int(row["macs"]) == macs(config) == float(row["cost"]) <= result.limit
-        assert int(row["params"]) == params(config)
+        assert int(row["params"]) == params.of(config, dense)
+        assert row["dense"].split() == [names[i] for i in dense]
         assert float(row["val_accuracy"]) == expected[config].accuracy
         assert float(row["val_loss"]) == expected[config].loss
         assert float(row["test_accuracy"]) == expected_test[config].accuracy
@@ -466,9 +500,46 @@ def test_search_under_a_latency_table(tmp_path):
     options = tuple({**{s: 1.0 + 4.0 / s for s in sizes}, "dense": 1.5} for sizes in space)
     table = LatencyTable(tuple(n for n, _ in gross.gross_layers(model)), options, 2.0, ((1, 8, 16, 16),) * 3)
     result = S.search(model, synthetic_batches(), cost=table, budget="uniform:2", progress=False)
-    assert result.cost_name == "latency_ms" and result.limit == table.cost((2, 2, 2))
+    # The dense conv timed, it is a per-layer choice; uniform:2 is still every layer's bottleneck at 2.
+    fused = S.AdditiveCost.from_latency_table(table, fuse=True)
+    assert result.cost_name == S.FUSED_LATENCY and result.limit == table.cost((2, 2, 2))
+    assert {r.config for r in result.records} == {c for c in itertools.product(*space) if fused(c) <= result.limit}
+    assert all(r.cost == fused(r.config) for r in result.records)
+    assert all(set(r.dense) == table.fused_faster(r.config) for r in result.records)
+    assert any(r.dense for r in result.records)
+    without = LatencyTable(table.layers, tuple({s: o[s] for s in sizes} for o, sizes in zip(options, space)), 2.0, table.input_shapes)
+    result = S.search(model, synthetic_batches(), cost=without, budget="uniform:2", progress=False)
+    assert result.cost_name == "latency_ms" and not any(r.dense for r in result.records)
     assert {r.config for r in result.records} == {c for c in itertools.product(*space) if table.cost(c) <= result.limit}
-    assert all(r.cost == table.cost(r.config) for r in result.records)
+
+
+@pytest.mark.parametrize("strategy, options", [("exhaustive", {}), ("beam", {"width": 2}), ("evolution", {"max_evaluations": 30})])
+def test_every_strategy_searches_with_the_dense_choice(tmp_path, strategy, options):
+    # At uniform:8, conv2 (8 channels) at 8 costs more as a bottleneck than as its dense conv:
+    # configurations the bottlenecks alone could not afford fit once it stays dense.
+    model = small_paper_net()
+    space, names = gross.search_space(model), [name for name, _ in gross.gross_layers(model)]
+    val = synthetic_batches()
+    macs, bottlenecks = S.macs_cost(model, (3, 32, 32)), S.macs_cost(model, (3, 32, 32), dense=False)
+    result = S.search(model, val, strategy=strategy, budget="uniform:8", out_dir=tmp_path, progress=False, **options)
+    assert result.limit == bottlenecks((8, 8, 8))
+    fits = {c for c in itertools.product(*space) if macs(c) <= result.limit}
+    assert fits > {c for c in itertools.product(*space) if bottlenecks(c) <= result.limit}
+    scored = {r.config: r for r in result.records}
+    assert set(scored) <= fits and (strategy != "exhaustive" or set(scored) == fits)
+    for config, r in scored.items():
+        assert r.cost == r.macs == macs(config) and r.dense == tuple(names[i] for i in macs.dense_layers(config))
+    assert any(r.dense for r in scored.values())
+    # The scores are those of the GroSS network (tree evaluation); the network exported with the
+    # dense layers fused has the same outputs and exactly the MACs the search counted.
+    best = result.best
+    assert best.val_accuracy == S.evaluate_configs(model, [best.config], val, method="plain")[0].accuracy
+    exported = gross.export(model, best.config, fuse=best.dense)
+    assert gross.count_macs(exported, (3, 32, 32)).total == best.macs
+    gross.set_config(model, best.config)
+    torch.testing.assert_close(exported(val[0][0]), model(val[0][0]))
+    summary = json.loads((tmp_path / "best.json").read_text())
+    assert summary["best"]["dense"] == list(best.dense) and summary["dense_choice"]
 
 
 def test_latency_cost_with_the_dense_conv_as_a_per_layer_choice():
@@ -525,6 +596,21 @@ def test_interrupted_search_resumes_without_rescoring(tmp_path, monkeypatch):
     assert resumed.records == reference.records and resumed.best == reference.best
     rows = read_rows(tmp_path / "results.csv")
     assert len(rows) == 30 and len({r["config"] for r in rows}) == 30
+
+
+def test_results_written_before_the_dense_column_are_reused(tmp_path, monkeypatch):
+    model = small_paper_net()
+    data = synthetic_batches()
+    first = S.search(model, data, budget="uniform:8", out_dir=tmp_path, progress=False)
+    rows = read_rows(tmp_path / "results.csv")
+    with open(tmp_path / "results.csv", "w", newline="") as f:  # as an older gross wrote it
+        writer = csv.DictWriter(f, fieldnames=list(rows[0])[:-1], extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    monkeypatch.setattr(S.ConfigEvaluator, "__call__", lambda *a, **k: pytest.fail("scored again"))
+    again = S.search(model, data, budget="uniform:8", out_dir=tmp_path, progress=False)
+    assert again.evaluated_now == 0 and again.records == first.records
+    assert read_rows(tmp_path / "results.csv") == rows  # written again, with the dense column
 
 
 def fabricated_scores(monkeypatch, accuracy):

@@ -4,6 +4,8 @@ Counted: every ``nn.Conv1d/2d/3d``, ``nn.Linear`` and GroSS layer, multiply-accu
 (no bias adds, activations or pooling), for the whole input batch. One forward pass records each
 layer's input and output shapes; the MACs of every group size of every GroSS layer then follow
 without running the network again, so a search can cost millions of configurations cheaply.
+Each GroSS layer is also costed as one dense conv (its bottleneck fused back, with the original
+conv's shape and MACs), the choice a search has where that is cheaper than every bottleneck.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .latency import DENSE, Choice, normalize_choice
 from .model import Config, gross_layers, set_config, get_config
 from .series import GroSSConv2d
 
@@ -32,19 +35,27 @@ class MACsTable:
     fixed: dict[str, int]  # MACs of every counted layer that is not a GroSS layer
     layers: tuple[str, ...]  # GroSS layer names, in module order
     options: tuple[dict[int, int], ...]  # per GroSS layer: group size -> MACs
+    # Per GroSS layer: MACs as one dense conv, the original's (its bottleneck fused, or the conv
+    # it replaced: both have the original's shape).
+    dense: tuple[int, ...] = ()
 
-    def per_layer(self, config: Sequence[int]) -> dict[str, int]:
+    def per_layer(self, config: Sequence[Choice]) -> dict[str, int]:
+        """MACs of every counted layer at ``config``; an entry ``"dense"`` (or ``0``) is the dense conv."""
         if len(config) != len(self.layers):
             raise ValueError(f"config has {len(config)} entries, the table has {len(self.layers)} layers")
         out = dict(self.fixed)
-        for name, options, s in zip(self.layers, self.options, config):
-            if s not in options:
+        for i, (name, options, s) in enumerate(zip(self.layers, self.options, config)):
+            s = normalize_choice(s)
+            if s == DENSE and self.dense:
+                out[name] = self.dense[i]
+            elif s in options:
+                out[name] = options[s]
+            else:
                 raise ValueError(f"group size {s} is invalid for layer {name}; valid: {sorted(options)}")
-            out[name] = options[s]
         return out
 
-    def cost(self, config: Sequence[int]) -> int:
-        """Total MACs of a configuration (a tuple in module order)."""
+    def cost(self, config: Sequence[Choice]) -> int:
+        """Total MACs of a configuration (a tuple in module order; ``"dense"``/``0``: the dense conv)."""
         return sum(self.per_layer(config).values())
 
 
@@ -60,6 +71,11 @@ def _gross_macs(m: GroSSConv2d, x: torch.Tensor, out: torch.Tensor, s: int) -> i
     core = pixels_out * m.width * s * kh * kw
     last = pixels_out * m.out_channels * m.width
     return first + core + last
+
+
+def _dense_macs(m: GroSSConv2d, out: torch.Tensor) -> int:
+    # The conv the bottleneck stands for: (C_out, C_in, kh, kw) at every output pixel.
+    return out.numel() * m.in_channels * math.prod(m.kernel_size)
 
 
 def macs_table(model: nn.Module, input_shape: Sequence[int]) -> MACsTable:
@@ -79,12 +95,14 @@ def macs_table(model: nn.Module, input_shape: Sequence[int]) -> MACsTable:
         raise ValueError(f"input_shape must be (C, H, W) or (N, C, H, W), got {tuple(input_shape)}")
     fixed: dict[str, int] = {}
     gross: dict[str, dict[int, int]] = {}
+    dense: dict[str, int] = {}
     hooks = []
 
     def record(name: str):
         def hook(m: nn.Module, inputs, out):
             if isinstance(m, GroSSConv2d):
                 gross[name] = {s: _gross_macs(m, inputs[0], out, s) for s in m.group_sizes}
+                dense[name] = _dense_macs(m, out)
             elif isinstance(m, nn.Linear):
                 fixed[name] = out.numel() * m.in_features
             else:
@@ -106,7 +124,7 @@ def macs_table(model: nn.Module, input_shape: Sequence[int]) -> MACsTable:
             h.remove()
         model.train(was_training)
     names = tuple(name for name, _ in gross_layers(model))
-    return MACsTable(fixed=fixed, layers=names, options=tuple(gross[n] for n in names))
+    return MACsTable(fixed=fixed, layers=names, options=tuple(gross[n] for n in names), dense=tuple(dense[n] for n in names))
 
 
 def count_macs(model: nn.Module, input_shape: Sequence[int], config: Config | None = None) -> MACs:

@@ -11,8 +11,11 @@ Three parts, kept apart so that each can be swapped (as in Once-for-All):
   is evaluated that plain way, with a warning.
 - **Costs and budgets**: any ``cost(config) -> float``; :class:`AdditiveCost` (MACs, parameters,
   latency tables: a constant plus one term per layer) also gives lower bounds, which lets the
-  exhaustive search prune without enumerating the whole product. :func:`resolve_budget` turns
-  ``1.5e6`` or ``"uniform:16"`` into a cost limit.
+  exhaustive search prune without enumerating the whole product. A layer may stay one dense conv
+  (its bottleneck fused back: the same outputs, the original conv's cost) where that is cheaper
+  than its bottleneck at the chosen size, so no configuration pays more than the original for a
+  layer; the scores do not change, only the cost. :func:`resolve_budget` turns ``1.5e6`` or
+  ``"uniform:16"`` into a cost limit.
 - **Strategies** see only an :class:`Objective` (space, cost, limit, cached scorer):
   :func:`exhaustive`, :func:`beam` and :func:`evolution`.
 
@@ -34,7 +37,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, Union
+from typing import Any, Callable, Collection, Iterable, Iterator, Mapping, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -544,28 +547,72 @@ class AdditiveCost:
     Being additive, the cheapest completion of any partial configuration is known exactly, which
     lets :func:`feasible_configs` skip every subtree that cannot fit a budget.
 
+    A layer may also have a *dense* term: its cost as one dense conv, the bottleneck fused back
+    (:meth:`GroSSConv2d.dense_conv`; same outputs, the original conv's shape). Then the layer
+    costs the cheaper of its bottleneck at the chosen size and that dense conv, and
+    :meth:`dense_layers` says where the dense conv is the cheaper one: that is where
+    ``gross.export(model, config, fuse=...)`` must fuse to build the network this cost counts.
+    The accuracy of a configuration does not change with fusing, so a search scores the group
+    sizes as they are and ranks by this cost alone.
+
     Attributes
     ----------
     base : float
         Cost of everything that is not a GroSS layer.
     terms : tuple of dict
-        Per GroSS layer, in module order: group size -> cost.
+        Per GroSS layer, in module order: group size -> cost of its bottleneck.
     name : str
         What it measures (``"macs"``, ``"params"``, ``"latency_ms"``, ...), for reports.
+    dense : tuple of float, optional
+        Per GroSS layer: cost as one dense conv. ``None``: no dense choice, every layer is its
+        bottleneck.
     """
 
     base: float
     terms: tuple[Mapping[int, float], ...]
     name: str = "cost"
+    dense: tuple[float, ...] | None = None
+
+    def term(self, layer: int, size: int) -> float:
+        """Cost of GroSS layer ``layer`` at group size ``size``: the cheaper of bottleneck and dense conv."""
+        terms = self.terms[layer]
+        if size not in terms:
+            raise ValueError(f"group size {size} of layer {layer} has no {self.name} term; known: {list(terms)}")
+        return terms[size] if self.dense is None else min(terms[size], self.dense[layer])
 
     def __call__(self, config: Sequence[int]) -> float:
         if len(config) != len(self.terms):
             raise ValueError(f"config has {len(config)} entries, the cost has {len(self.terms)} layers")
         total = self.base
+        for i, s in enumerate(config):
+            total += self.term(i, s)
+        return total
+
+    def dense_layers(self, config: Sequence[int]) -> tuple[int, ...]:
+        """Indices of the layers whose dense conv is cheaper than their bottleneck at ``config``.
+
+        On a tie the bottleneck is kept (as :meth:`gross.latency.LatencyTable.fused_faster`).
+        """
+        if self.dense is None:
+            return ()
+        return tuple(i for i, s in enumerate(config) if self.dense[i] < self.terms[i][s])
+
+    def of(self, config: Sequence[int], dense: Collection[int] = ()) -> float:
+        """Cost of ``config`` with exactly the layers ``dense`` (indices) as their dense conv.
+
+        ``of(config)`` is the cost with every layer as its bottleneck (how ``uniform:G`` budgets
+        are defined); ``of(config, c.dense_layers(config))`` of another cost ``c`` costs the
+        network that ``c`` chose, e.g. its MACs after a search by latency.
+        """
+        if len(config) != len(self.terms):
+            raise ValueError(f"config has {len(config)} entries, the cost has {len(self.terms)} layers")
+        if dense and self.dense is None:
+            raise ValueError(f"the {self.name} cost has no dense terms")
+        total = self.base
         for i, (terms, s) in enumerate(zip(self.terms, config)):
             if s not in terms:
                 raise ValueError(f"group size {s} of layer {i} has no {self.name} term; known: {list(terms)}")
-            total += terms[s]
+            total += self.dense[i] if i in dense else terms[s]
         return total
 
     @classmethod
@@ -574,28 +621,33 @@ class AdditiveCost:
 
         With ``fuse`` the dense conv is a per-layer choice: a layer costs the faster of its
         bottleneck and the one dense conv with the same outputs, which is what
-        ``gross.export(..., fuse="auto")`` builds (the table needs its dense column). The
-        accuracy does not change with fusing, so the search may rank by this cost alone.
+        ``gross.export(..., fuse="auto")`` builds (the table needs its dense column).
         """
         if not fuse:
             return cls(base=table.rest, terms=table.options, name="latency_ms")
         if not table.has_dense:
             raise ValueError("fuse=True needs the table's dense timings; build it with include_dense=True")
-        terms = tuple({k: min(ms, options[DENSE]) for k, ms in options.items() if k != DENSE} for options in table.options)
-        return cls(base=table.rest, terms=terms, name=FUSED_LATENCY)
+        terms = tuple({k: ms for k, ms in options.items() if k != DENSE} for options in table.options)
+        return cls(base=table.rest, terms=terms, name=FUSED_LATENCY, dense=tuple(o[DENSE] for o in table.options))
 
 
-def macs_cost(model: nn.Module, input_shape: Sequence[int]) -> AdditiveCost:
-    """MACs of one input of shape ``(C, H, W)`` (or of a batch ``(N, C, H, W)``) per configuration."""
+def macs_cost(model: nn.Module, input_shape: Sequence[int], dense: bool = True) -> AdditiveCost:
+    """MACs of one input of shape ``(C, H, W)`` (or of a batch ``(N, C, H, W)``) per configuration.
+
+    With ``dense`` (the default) each layer may stay one dense conv with the original conv's MACs
+    where that is cheaper than its bottleneck (see :class:`AdditiveCost`), so no configuration
+    pays more than the original network for a layer.
+    """
     table = macs_table(model, input_shape)
-    return AdditiveCost(base=sum(table.fixed.values()), terms=table.options, name="macs")
+    return AdditiveCost(base=sum(table.fixed.values()), terms=table.options, name="macs", dense=table.dense if dense else None)
 
 
-def params_cost(model: nn.Module) -> AdditiveCost:
+def params_cost(model: nn.Module, dense: bool = True) -> AdditiveCost:
     """Parameters of the network exported at a configuration (:func:`gross.export`).
 
     A GroSS layer at group size ``s`` exports to pointwise ``(D, C_in)``, grouped ``(D, s, kh, kw)``
-    and pointwise ``(C_out, D)`` weights plus its bias; everything else is counted as it is.
+    and pointwise ``(C_out, D)`` weights plus its bias, or, as its dense conv (with ``dense``),
+    to one ``(C_out, C_in, kh, kw)`` weight plus its bias; everything else is counted as it is.
     """
     layers = gross_layers(model)
     if not layers:
@@ -608,7 +660,8 @@ def params_cost(model: nn.Module) -> AdditiveCost:
         base += m.bias.numel() if m.bias is not None else 0
         pointwise = m.width * (m.in_channels + m.out_channels)
         terms.append({s: pointwise + m.width * s * kh * kw for s in m.group_sizes})
-    return AdditiveCost(base=base, terms=tuple(terms), name="params")
+    full = tuple(m.out_channels * m.in_channels * math.prod(m.kernel_size) for _, m in layers)
+    return AdditiveCost(base=base, terms=tuple(terms), name="params", dense=full if dense else None)
 
 
 def uniform_config(space: Sequence[Sequence[int]], group_size: int) -> Configuration:
@@ -623,7 +676,7 @@ def uniform_config(space: Sequence[Sequence[int]], group_size: int) -> Configura
 
 def _min_cost(space: Sequence[Sequence[int]], cost: CostFn) -> tuple[float, Configuration]:
     if isinstance(cost, AdditiveCost):
-        cheapest = tuple(min(sizes, key=lambda s: terms[s]) for sizes, terms in zip(space, cost.terms))
+        cheapest = tuple(min(sizes, key=lambda s: cost.term(i, s)) for i, sizes in enumerate(space))
     else:
         # Without structure, the all-smallest configuration stands in for the cheapest: it is,
         # for any cost that grows with the group size.
@@ -639,8 +692,9 @@ def resolve_budget(budget: int | float | str | None, space: Sequence[Sequence[in
     budget : int, float, str or None
         A number (or numeric string such as ``"1.5e6"``): the largest allowed cost, in the cost's
         units (MACs by default). ``"uniform:G"``: the cost of the configuration with every layer at
-        group size ``G`` (see :func:`uniform_config` for layers where ``G`` is not valid).
-        ``None``: no limit.
+        group size ``G`` (see :func:`uniform_config` for layers where ``G`` is not valid), every
+        layer as its bottleneck (the paper's uniform networks; :meth:`AdditiveCost.of`), also
+        where the cost offers the dense conv. ``None``: no limit.
     space : sequence of sequences of int
         The candidate sizes of every layer.
     cost : callable
@@ -663,7 +717,8 @@ def resolve_budget(budget: int | float | str | None, space: Sequence[Sequence[in
                 size = 0
             if size < 1:
                 raise ValueError(f"budget {budget!r}: 'uniform:G' needs a positive integer group size G")
-            limit = float(cost(uniform_config(space, size)))
+            uniform = uniform_config(space, size)
+            limit = float(cost.of(uniform) if isinstance(cost, AdditiveCost) else cost(uniform))
         else:
             try:
                 limit = float(text)
@@ -793,7 +848,7 @@ def feasible_configs(space: Sequence[Sequence[int]], cost: CostFn, limit: float)
     n = len(space)
     rest = [0.0] * (n + 1)  # cheapest cost of layers i.. onwards
     for i in reversed(range(n)):
-        rest[i] = rest[i + 1] + min(cost.terms[i][s] for s in space[i])
+        rest[i] = rest[i + 1] + min(cost.term(i, s) for s in space[i])
     # Rounding differs between the bound and the exact sum; the slack keeps pruning safe, and
     # every complete configuration is still checked with the exact cost.
     slack = 1e-9 * max(1.0, abs(limit))
@@ -805,7 +860,7 @@ def feasible_configs(space: Sequence[Sequence[int]], cost: CostFn, limit: float)
                 yield prefix
             return
         for s in space[i]:
-            total = spent + cost.terms[i][s]
+            total = spent + cost.term(i, s)
             if total + rest[i + 1] <= limit + slack:
                 yield from descend(prefix + (s,), total)
 
@@ -1020,12 +1075,15 @@ class Record:
     val_accuracy: float
     val_loss: float
     test_accuracy: float | None = None
+    # GroSS layers that stay one dense conv (their bottleneck fused: same outputs, fewer of the
+    # cost's units); cost, MACs and parameters count them so.
+    dense: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "config": list(self.config)}
+        return {**asdict(self), "config": list(self.config), "dense": list(self.dense)}
 
 
-_COLUMNS = ("config", "cost", "macs", "params", "val_accuracy", "val_loss", "test_accuracy")
+_COLUMNS = ("config", "cost", "macs", "params", "val_accuracy", "val_loss", "test_accuracy", "dense")
 
 
 @dataclass(frozen=True)
@@ -1087,6 +1145,7 @@ def _csv_row(record: Record) -> dict[str, str]:
         "val_accuracy": repr(record.val_accuracy),
         "val_loss": repr(record.val_loss),
         "test_accuracy": "" if record.test_accuracy is None else repr(record.test_accuracy),
+        "dense": " ".join(record.dense),  # layer names, space-separated
     }
 
 
@@ -1105,16 +1164,18 @@ def _write_csv(path: Path, records: Iterable[Record], append: bool) -> None:
 def _read_csv(path: Path, space: Sequence[Sequence[int]]) -> tuple[dict[Configuration, dict[str, str]], bool]:
     """Rows of an earlier run's results.csv by configuration (the last row wins).
 
-    Returns the rows and whether an incomplete row (a write cut short) was left out.
+    Returns the rows and whether the file must be written again: an incomplete row (a write cut
+    short) was left out, or it lacks the ``dense`` column (written before the dense choice; its
+    scores stand, costs are recomputed anyway).
     """
     if not path.exists():
         return {}, False
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
-        if reader.fieldnames is not None and tuple(reader.fieldnames) != _COLUMNS:
+        if reader.fieldnames is not None and tuple(reader.fieldnames) not in (_COLUMNS, _COLUMNS[:-1]):
             raise ValueError(f"{path} has columns {reader.fieldnames}, expected {list(_COLUMNS)}; move it away")
         rows = {}
-        cut = False
+        cut = reader.fieldnames is not None and tuple(reader.fieldnames) == _COLUMNS[:-1]
         for row in reader:
             if None in row.values() or not row["val_loss"]:
                 log.warning("search: %s line %d is incomplete; scoring it again", path, reader.line_num)
@@ -1174,9 +1235,12 @@ def search(
     budget : int, float, str or None
         See :func:`resolve_budget`; ``"uniform:16"`` is the paper's larger budget.
     cost : callable, LatencyTable, optional
-        ``cost(config) -> float``; default the MACs of one input (:func:`macs_cost`). Pass an
-        :class:`AdditiveCost` (a latency table is turned into one) to let the exhaustive search
-        prune.
+        ``cost(config) -> float``; default the MACs of one input (:func:`macs_cost`), with every
+        layer at the cheaper of its bottleneck and its dense conv. Pass an :class:`AdditiveCost`
+        to let the exhaustive search prune; a latency table is turned into one, with the dense
+        conv as a per-layer choice where the table timed it. Each record's ``dense`` lists the
+        layers the cost counts as dense convs: export with ``fuse=result.best.dense`` to build
+        the network that was costed (its outputs are the same).
     test_data : same types as data, optional
         Also measure the test accuracy of every evaluated configuration. Reported only; the
         search never sees it.
@@ -1223,7 +1287,7 @@ def search(
         input_shape = tuple(first[0].shape[1:])
     macs, params = macs_cost(model, input_shape), params_cost(model)
     if isinstance(cost, LatencyTable):
-        cost = AdditiveCost.from_latency_table(cost)
+        cost = AdditiveCost.from_latency_table(cost, fuse=cost.has_dense)
     cost = macs if cost is None else cost
     cost_name = cost.name if isinstance(cost, AdditiveCost) else getattr(cost, "__name__", "cost")
     limit = resolve_budget(budget, space, cost)
@@ -1238,14 +1302,17 @@ def search(
     csv_path = folder / "results.csv" if folder is not None else None
 
     def record(config: Configuration, val_score: Score, test_accuracy: float | None) -> Record:
+        # MACs and parameters of the network the cost counts: its dense layers as dense convs.
+        dense = cost.dense_layers(config) if isinstance(cost, AdditiveCost) else ()
         return Record(
             config=config,
             cost=float(cost(config)),
-            macs=int(macs(config)),
-            params=int(params(config)),
+            macs=int(macs.of(config, dense)),
+            params=int(params.of(config, dense)),
             val_accuracy=val_score.accuracy,
             val_loss=val_score.loss,
             test_accuracy=test_accuracy,
+            dense=tuple(layers[i] for i in dense),
         )
 
     rows: dict[Configuration, dict[str, str]] = {}
@@ -1293,6 +1360,7 @@ def search(
             "evaluated_now": scored_now,
             "best": None if best is None else records[best].to_dict(),
             "best_config": None if best is None else format_config(best),
+            "dense_choice": isinstance(cost, AdditiveCost) and cost.dense is not None,
             "seconds": time.perf_counter() - started,
         }
 
@@ -1341,12 +1409,13 @@ def search(
     if writer:
         _write_json(folder / "best.json", summary(best_config, objective.evaluations, finished=True))
     log.info(
-        "search: %s best %s (val accuracy %.4f, %s %g) after %d evaluations",
+        "search: %s best %s (val accuracy %.4f, %s %g%s) after %d evaluations",
         strategy,
         format_config(best_config),
         result.best.val_accuracy,
         cost_name,
         result.best.cost,
+        f"; dense: {', '.join(result.best.dense)}" if result.best.dense else "",
         result.evaluations,
     )
     return result
