@@ -22,7 +22,7 @@ def test_decompose_replaces_eligible_convs_and_logs_the_rest(caplog):
     assert names == ["conv3", "conv4"]
     assert type(model.conv1) is nn.Conv2d and type(model.conv2) is nn.Conv2d
     left = [r.getMessage() for r in caplog.records if "left alone" in r.getMessage()]
-    assert len(left) == 1 and "conv1" in left[0] and "conv2 (skipped)" in left[0]
+    assert len(left) == 1 and "conv1" in left[0] and "conv2 (skipped by skip)" in left[0]
     assert gross.search_space(model) == ((1, 2, 4, 8), (1, 2, 4, 8, 16))
 
 
@@ -33,9 +33,9 @@ def test_decompose_resnet_with_batchnorm_and_residuals():
     before = model(x)
     gross.decompose(model, group_sizes=(1, 4, 16, 32), max_iter=30)
     layers = gross.gross_layers(model)
-    # Every 3x3 and 1x1 conv with >= 2 sizes: 18 block convs and 2 strided shortcuts.
-    assert len(layers) == 20
-    assert any(m.stride == (2, 2) and m.kernel_size == (1, 1) for _, m in layers)
+    # The 18 3x3 block convs; the 3-channel stem has one size, the 1x1 shortcuts stay dense.
+    assert len(layers) == 18
+    assert all(m.kernel_size == (3, 3) for _, m in layers) and any(m.stride == (2, 2) for _, m in layers)
     assert gross.search_space(model)[0] == (1, 4, 16)
     gross.set_config(model, tuple(s[-1] for s in gross.search_space(model)))
     # The largest size of every layer has width = C_in >= C_out only where C_out <= C_in; the
@@ -76,8 +76,29 @@ def test_nothing_to_decompose():
         gross.decompose(nn.Sequential(nn.Conv2d(3, 8, 3)))
     with pytest.raises(ValueError, match="decompose"):
         gross.get_config(nn.Sequential(nn.Conv2d(4, 4, 3)))
-    with pytest.raises(ValueError, match="do not exist"):
+    with pytest.raises(ValueError, match=r"skip names or patterns that match no module: \['nope'\]"):
         gross.decompose(small_paper_net(), skip=["nope"])
+    with pytest.raises(ValueError, match=r"only names or patterns that match no module: \['x\*'\]"):
+        gross.decompose(small_paper_net(), only=["x*"])
+
+
+def test_decompose_leaves_1x1_depthwise_and_unmatched_convs_dense():
+    model = nn.Sequential(
+        nn.Conv2d(8, 16, 3, padding=1),  # 0: decomposed
+        nn.Conv2d(16, 16, 3, padding=1, groups=16),  # 1: depthwise
+        nn.Conv2d(16, 32, 1),  # 2: 1x1
+        nn.Conv2d(32, 32, 3, padding=1, dilation=2),  # 3: decomposed unless excluded
+    )
+    plan = {p.name: p for p in gross.model.plan_decomposition(model)}
+    assert plan["0"].sizes == (1, 2, 4, 8) and plan["3"].sizes == (1, 2, 4, 8, 16, 32)
+    assert "depthwise" in plan["1"].reason and "1x1" in plan["2"].reason
+    gross.decompose(model, skip=["3"], max_iter=2)
+    assert [n for n, _ in gross.gross_layers(model)] == ["0"]
+    # only= with a pattern selects among the eligible convs; a 1x1 conv only when named exactly.
+    model = nn.Sequential(nn.Conv2d(8, 16, 3), nn.Conv2d(16, 32, 1), nn.Conv2d(32, 32, 3))
+    assert [p.name for p in gross.model.plan_decomposition(model, only=["*"]) if p.sizes] == ["0", "2"]
+    assert [p.name for p in gross.model.plan_decomposition(model, only=["1", "2"]) if p.sizes] == ["1", "2"]
+    assert [p.name for p in gross.model.plan_decomposition(model, skip=["[02]"]) if p.sizes] == []
 
 
 def test_sample_config_is_deterministic_and_tempered():

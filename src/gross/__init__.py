@@ -13,7 +13,10 @@ import os
 # before torch; an explicit setting is left alone.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from . import models, search  # noqa: E402
+__version__ = "0.1.0"
+
+# The modules a user reaches through `gross.`: the pipeline's configuration, stages, loops and data.
+from . import config, data, models, pipeline, search, train  # noqa: E402
 from .btd import BTD, btd, btd_to_weight, conditioning  # noqa: E402
 from .expand import expand  # noqa: E402
 from .export import export, export_onnx, load, save  # noqa: E402
@@ -35,8 +38,6 @@ from .model import (  # noqa: E402
 from .sampling import group_size_probs  # noqa: E402
 from .search import SearchResult, evaluate_configs  # noqa: E402
 from .series import GroSSConv2d, default_group_sizes  # noqa: E402
-
-__version__ = "0.1.0"
 
 __all__ = [
     "BTD",
@@ -72,4 +73,8 @@ __all__ = [
     "evaluate_configs",
     "search",  # the module: gross.search.search(model, data, strategy=..., budget=...)
     "models",
+    "config",
+    "data",
+    "pipeline",
+    "train",
 ]

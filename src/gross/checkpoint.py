@@ -9,13 +9,15 @@ Writes go to a temporary file in the target's folder, are flushed and fsync'ed, 
 ``os.replace``'d over the target: a write killed at any point leaves the previous file intact.
 
 An *architecture* (``arch``) is a JSON-ready dict ``{"model": name, "kwargs": {...}, "layers":
-[...]}``: the network's name and constructor arguments (see :func:`gross.models.build_model`) and
-the GroSS layers' specs (:func:`gross.layer_specs`, empty for an undecomposed network).
+[...]}``: the network's name and constructor arguments (see :func:`gross.models.build_model`; a
+file reference is made absolute, and a network handed over in Python is ``python:`` and its class)
+and the GroSS layers' specs (:func:`gross.layer_specs`, empty for an undecomposed network).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import tempfile
@@ -39,6 +41,8 @@ __all__ = [
     "same_architecture",
     "describe_arch",
     "build_from_arch",
+    "python_arch_name",
+    "PYTHON_PREFIX",
     "save_model",
     "load_model",
     "save_training_state",
@@ -181,12 +185,35 @@ def same_architecture(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
     return a.get("model") == b.get("model") and a.get("kwargs", {}) == b.get("kwargs", {})
 
 
-def build_from_arch(arch: Mapping[str, Any]) -> nn.Module:
-    """An uninitialised network of that architecture, GroSS layers included (zeros until loaded)."""
-    try:
-        model = build_model(arch["model"], **arch.get("kwargs", {}))
-    except (KeyError, TypeError, ValueError) as err:
-        raise CheckpointError(f"cannot build the architecture {describe_arch(arch)}: {err}") from None
+PYTHON_PREFIX = "python:"  # arch["model"] of a network handed over in Python: no name rebuilds it
+
+
+def python_arch_name(model: nn.Module) -> str:
+    """The record's name of a network given as a module: ``python:`` and its class's import path."""
+    cls = type(model)
+    return f"{PYTHON_PREFIX}{cls.__module__}.{cls.__qualname__}"
+
+
+def build_from_arch(arch: Mapping[str, Any], template: nn.Module | None = None) -> nn.Module:
+    """An uninitialised network of that architecture, GroSS layers included (zeros until loaded).
+
+    ``template`` is the base network for an architecture given in Python (``python:...``), which
+    no name rebuilds: a copy of it is used.
+    """
+    name = str(arch.get("model"))
+    if name.startswith(PYTHON_PREFIX):
+        if template is None or python_arch_name(template) != name:
+            given = f"a {python_arch_name(template)[len(PYTHON_PREFIX):]}" if template is not None else "none"
+            raise CheckpointError(
+                f"this network ({name[len(PYTHON_PREFIX):]}) was given in Python, so no name rebuilds it; "
+                f"pass the same module again (gross.pipeline.run(cfg, model=...)); given: {given}"
+            )
+        model = copy.deepcopy(template)
+    else:
+        try:
+            model = build_model(name, **arch.get("kwargs", {}))
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"cannot build the architecture {describe_arch(arch)}: {err}") from None
     if arch.get("layers"):
         try:
             restore_layers(model, arch["layers"])
@@ -230,9 +257,14 @@ def save_model(
 
 
 def load_model(
-    path: str | Path, device: torch.device | str = "cpu", expect: Mapping[str, Any] | None = None
+    path: str | Path,
+    device: torch.device | str = "cpu",
+    expect: Mapping[str, Any] | None = None,
+    template: nn.Module | None = None,
 ) -> tuple[nn.Module, dict]:
     """Rebuild a model saved by :func:`save_model`; ``expect`` is the architecture it must have.
+
+    ``template``: the base network, for an architecture given in Python (:func:`build_from_arch`).
 
     Returns
     -------
@@ -246,7 +278,7 @@ def load_model(
     if "arch" not in meta:
         raise CheckpointError(f"{path} holds no architecture; it was not written by gross.save_model")
     _check_arch(path, meta["arch"], expect)
-    model = build_from_arch(meta["arch"])
+    model = build_from_arch(meta["arch"], template)
     _load_state(path, model, tensors)
     return model.to(device).eval(), meta
 

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from . import __version__
 from .checkpoint import atomic_write, load_model
-from .config import Config, dump_config, resolve_config
+from .config import Config, ConfigError, dump_config, resolve_config
 from .latency import DENSE, LatencyTable, describe_setup
 from .model import format_config, gross_layers, parse_config
 from .pipeline import (
@@ -450,7 +450,11 @@ def _resolve(args: argparse.Namespace) -> Config:
     cfg = resolve_config(files, overrides)
     existing = cfg.run_dir / "config.yaml"
     if not args.config_file and existing.is_file():
-        cfg = resolve_config([existing], overrides)
+        try:
+            cfg = resolve_config([existing], overrides)
+        except ConfigError as err:
+            raise ConfigError(f"{existing} (this run's settings, read because no --config-file was given): {err}; "
+                              f"fix it there, override it with --set, or delete it") from None
     return cfg
 
 

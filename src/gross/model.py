@@ -6,8 +6,10 @@ as a tuple or as a dict ``name -> size``.
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import time
+from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Sequence, Union
 
 import torch
@@ -19,6 +21,8 @@ from .series import GroSSConv2d, default_group_sizes
 __all__ = [
     "Config",
     "decompose",
+    "plan_decomposition",
+    "PlannedConv",
     "gross_layers",
     "get_config",
     "set_config",
@@ -60,20 +64,93 @@ def _sizes_for(name: str, width: int, group_sizes: GroupSizes) -> tuple[int, ...
     return tuple(sorted({int(s) for s in wanted if width % int(s) == 0}))
 
 
+@dataclass(frozen=True)
+class PlannedConv:
+    """What :func:`decompose` does with one ``nn.Conv2d``: its group sizes, or why it is left alone."""
+
+    name: str  # module name, as in named_modules
+    sizes: tuple[int, ...]  # candidate group sizes; () when the conv is left alone
+    reason: str  # why it is left alone ("" when decomposed)
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def plan_decomposition(
+    model: nn.Module,
+    group_sizes: GroupSizes = None,
+    skip: Iterable[str] = (),
+    only: Iterable[str] = (),
+    width: int | None = None,
+) -> list[PlannedConv]:
+    """Every conv of ``model`` with the group sizes :func:`decompose` gives it, or why it is left alone.
+
+    The arguments are :func:`decompose`'s; ``width`` is the bottleneck width (default: each
+    conv's input channels). Raises ``ValueError`` for a ``skip`` or ``only`` entry that matches
+    no module, and for a ``group_sizes`` dict that names a module that is not a conv or gives a
+    size that does not divide its width.
+    """
+    skip, only = list(skip), list(only)
+    names = [name for name, _ in model.named_modules()]
+    for key, patterns in (("skip", skip), ("only", only)):
+        unknown = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+        if unknown:
+            raise ValueError(f"{key} names or patterns that match no module: {unknown}")
+    explicit = isinstance(group_sizes, Mapping)
+    if explicit:
+        missing = sorted(set(group_sizes) - set(names))
+        if missing:
+            raise ValueError(f"group_sizes names modules that do not exist: {missing}")
+        for name, wanted in group_sizes.items():
+            m = model.get_submodule(name)
+            if type(m) is not nn.Conv2d:
+                raise ValueError(f"group_sizes names {name!r}, a {type(m).__name__}, not an nn.Conv2d")
+            w = width or m.in_channels
+            bad = [int(s) for s in wanted if int(s) < 1 or w % int(s)]
+            if bad or not wanted:
+                raise ValueError(f"group sizes {list(wanted)} for {name!r} must be divisors of its width {w}")
+    plan: list[PlannedConv] = []
+    for name, m in model.named_modules():
+        if not isinstance(m, nn.Conv2d) or isinstance(m, GroSSConv2d):
+            continue
+        sizes = _sizes_for(name, width or m.in_channels, group_sizes)
+        named = explicit and name in group_sizes
+        if type(m) is not nn.Conv2d:
+            reason = f"a {type(m).__name__}, a subclass of nn.Conv2d whose forward may differ"
+        elif _matches(name, skip):
+            reason = "skipped by skip"
+        elif only and not _matches(name, only):
+            reason = "not matched by only"
+        elif m.groups != 1:
+            reason = "depthwise conv" if m.groups == m.in_channels else f"grouped conv (groups={m.groups})"
+        elif m.kernel_size == (1, 1) and not (named or name in only):
+            reason = "1x1 kernel: its bottleneck costs more MACs than the conv at every group size"
+        elif len(sizes) < 2 and not (named and sizes):
+            reason = f"group sizes {list(sizes)}: nothing to choose"
+        else:
+            reason = ""
+        plan.append(PlannedConv(name, sizes if not reason else (), reason))
+    return plan
+
+
 def decompose(
     model: nn.Module,
     group_sizes: GroupSizes = None,
     skip: Iterable[str] = (),
     nested: bool = False,
+    only: Iterable[str] = (),
     progress: Callable[[str, int, int], None] | None = None,
     **btd_options,
 ) -> nn.Module:
     """Replace every eligible ``nn.Conv2d`` of ``model`` by a :class:`GroSSConv2d`, in place.
 
-    Eligible: ``groups == 1``, not named in ``skip``, and at least two candidate group sizes
-    (a layer with a single choice adds nothing to the search space, e.g. a 3-channel input conv)
-    unless ``group_sizes`` is a dict that names the layer: that is how a fixed configuration
-    (one size per layer) is built.
+    Eligible (:func:`plan_decomposition`): an ``nn.Conv2d`` (not a subclass) with ``groups == 1``,
+    a kernel larger than 1x1 (a 1x1 conv's bottleneck costs more than the conv at every group
+    size), not matched by ``skip``, matched by ``only`` when it is given, and with at least two
+    candidate group sizes (a layer with a single choice adds nothing to the search space, e.g. a
+    3-channel input conv) unless ``group_sizes`` is a dict that names the layer: that is how a
+    fixed configuration (one size per layer) is built.
 
     Parameters
     ----------
@@ -83,7 +160,11 @@ def decompose(
         layers it does not name alone, and a size in it that does not divide the named layer's
         width is an error. Default: every power of two dividing the width.
     skip : iterable of str
-        Module names (as in ``named_modules``) to leave alone.
+        Module names (as in ``named_modules``) or shell-style patterns (``layer1.*.conv2``) to
+        leave alone.
+    only : iterable of str
+        If given, only convs matching one of these names or patterns are decomposed; a 1x1 conv
+        is decomposed when named here exactly.
     nested : bool
         See :meth:`GroSSConv2d.from_conv`.
     progress : callable(name, index, total), optional
@@ -96,49 +177,17 @@ def decompose(
     nn.Module
         ``model`` itself, modified.
     """
-    skip = set(skip)
-    names = {name for name, _ in model.named_modules()}
-    unknown = sorted(skip - names)
-    if unknown:
-        raise ValueError(f"skip names modules that do not exist: {unknown}")
-    explicit = isinstance(group_sizes, Mapping)
-    if explicit:
-        missing = sorted(set(group_sizes) - names)
-        if missing:
-            raise ValueError(f"group_sizes names modules that do not exist: {missing}")
-        for name, wanted in group_sizes.items():
-            m = model.get_submodule(name)
-            if type(m) is not nn.Conv2d:
-                raise ValueError(f"group_sizes names {name!r}, a {type(m).__name__}, not an nn.Conv2d")
-            width = btd_options.get("width") or m.in_channels
-            bad = [int(s) for s in wanted if int(s) < 1 or width % int(s)]
-            if bad or not wanted:
-                raise ValueError(f"group sizes {list(wanted)} for {name!r} must be divisors of its width {width}")
-    chosen: list[tuple[str, nn.Conv2d, tuple[int, ...]]] = []
-    left: list[str] = []
-    for name, m in model.named_modules():
-        if type(m) is not nn.Conv2d:
-            continue
-        width = btd_options.get("width") or m.in_channels
-        sizes = _sizes_for(name, width, group_sizes)
-        if name in skip:
-            left.append(f"{name} (skipped)")
-        elif m.groups != 1:
-            left.append(f"{name} (groups={m.groups})")
-        elif len(sizes) < 2 and not (explicit and sizes):
-            left.append(f"{name} (group sizes {list(sizes)}: nothing to choose)")
-        else:
-            chosen.append((name, m, sizes))
+    plan = plan_decomposition(model, group_sizes, skip, only, btd_options.get("width"))
+    chosen = [(p.name, p.sizes) for p in plan if p.sizes]
     if not chosen:
-        raise ValueError(
-            "nothing to decompose: no nn.Conv2d with groups=1 and at least two group sizes"
-            + (f"; left alone: {', '.join(left)}" if left else "")
-        )
-    if left:
-        log.info("decompose: left alone %s", ", ".join(left))
-    for i, (name, conv, sizes) in enumerate(chosen):
+        left = "; ".join(f"{p.name} ({p.reason})" for p in plan)
+        raise ValueError("nothing to decompose: no conv is eligible" + (f"; left alone: {left}" if left else ""))
+    if len(chosen) < len(plan):
+        log.info("decompose: left alone %s", ", ".join(f"{p.name} ({p.reason})" for p in plan if not p.sizes))
+    for i, (name, sizes) in enumerate(chosen):
         if progress is not None:
             progress(name, i, len(chosen))
+        conv = model.get_submodule(name)
         start = time.perf_counter()
         layer = GroSSConv2d.from_conv(conv, group_sizes=sizes, nested=nested, **btd_options)
         layer.train(conv.training)

@@ -1,13 +1,42 @@
-"""Network definitions: the paper's 4-layer CIFAR net, CIFAR ResNets and a CIFAR VGG-16."""
+"""Networks: the built-in ones, and a user's own by reference with its trained weights.
+
+The built-in networks are the paper's 4-layer CIFAR net, CIFAR ResNets and a CIFAR VGG-16. A
+user's network is named the way Hydra and Lightning name a class: ``package.module:callable`` (an
+importable module) or ``path/to/file.py:callable`` (a file, relative to the current folder); its
+weights come from a ``.safetensors`` file or a PyTorch checkpoint read without unpickling code
+(:func:`load_weights`).
+"""
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import sys
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["PaperNet", "CifarResNet", "VGG", "resnet20", "resnet18", "vgg16_bn", "build_model", "MODELS"]
+__all__ = [
+    "PaperNet",
+    "CifarResNet",
+    "VGG",
+    "resnet20",
+    "resnet18",
+    "vgg16_bn",
+    "MODELS",
+    "build_model",
+    "resolve_model",
+    "canonical_name",
+    "accepted_kwargs",
+    "read_state_dict",
+    "load_weights",
+    "WEIGHT_SUFFIXES",
+]
 
 
 class PaperNet(nn.Module):
@@ -177,8 +206,211 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+# ---------------------------------------------------------------------------------------------
+# A network by reference
+
+
+def _split_reference(name: str) -> tuple[str, str]:
+    target, sep, attr = name.rpartition(":")
+    if not sep or not target or not attr:
+        raise ValueError(
+            f"unknown model {name!r}; give a built-in name ({', '.join(sorted(MODELS))}), "
+            "package.module:callable, or path/to/file.py:callable"
+        )
+    return target, attr
+
+
+def _is_file(target: str) -> bool:
+    return target.endswith(".py") or "/" in target or "\\" in target
+
+
+def canonical_name(name: str) -> str:
+    """``name`` with a file reference made absolute, so that it names the same file from any folder."""
+    if name in MODELS:
+        return name
+    target, attr = _split_reference(name)
+    if _is_file(target):
+        return f"{Path(target).expanduser().resolve()}:{attr}"
+    return name
+
+
+# Modules loaded from files, by absolute path: the same file gives the same classes every time.
+_FILE_MODULES: dict[Path, Any] = {}
+
+
+def _import_file(path: Path) -> Any:
+    if path in _FILE_MODULES:
+        return _FILE_MODULES[path]
+    if not path.is_file():
+        raise ValueError(f"model file {path} does not exist")
+    # A unique module name per file keeps two users' model.py files apart in sys.modules.
+    module_name = f"gross_user_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise ValueError(f"cannot import {path}: not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    # The file's folder is importable while it runs, so its own imports (helpers beside it) work.
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec.loader.exec_module(module)
+    except Exception as err:
+        del sys.modules[module_name]
+        raise ValueError(f"importing {path} failed: {type(err).__name__}: {err}") from err
+    finally:
+        sys.path.remove(str(path.parent))
+    _FILE_MODULES[path] = module
+    return module
+
+
+def resolve_model(name: str) -> Callable[..., nn.Module]:
+    """The constructor a model name refers to.
+
+    Parameters
+    ----------
+    name : str
+        A key of :data:`MODELS`; ``package.module:callable`` (imported); or
+        ``path/to/file.py:callable`` (relative to the current folder; the file's folder is on
+        ``sys.path`` while it is imported). ``callable`` may be dotted (``Outer.build``).
+
+    Raises
+    ------
+    ValueError
+        When the module or file cannot be imported or has no such callable; the message says which.
+    """
+    if name in MODELS:
+        return MODELS[name]
+    target, attr = _split_reference(name)
+    if _is_file(target):
+        module = _import_file(Path(target).expanduser().resolve())
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as err:
+            raise ValueError(f"cannot import {target!r} for model {name!r}: {err}") from err
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"model {name!r}: {target} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"model {name!r}: {attr} is a {type(obj).__name__}, not a class or function")
+    return obj
+
+
+def accepted_kwargs(name: str) -> set[str]:
+    """Keyword arguments the constructor of ``name`` declares by name (``**kwargs`` does not count)."""
+    factory = resolve_model(name)
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # a callable without an inspectable signature: nothing is filled in
+        return set()
+    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {p.name for p in params.values() if p.kind in keyword}
+
+
 def build_model(name: str, **kwargs) -> nn.Module:
-    """Build a network by name (one of ``MODELS``) with keyword arguments of its constructor."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; known: {sorted(MODELS)}")
-    return MODELS[name](**kwargs)
+    """A network by name or reference (:func:`resolve_model`) with keyword arguments of its constructor."""
+    factory = resolve_model(name)
+    try:
+        model = factory(**kwargs)
+    except TypeError as err:
+        raise ValueError(f"cannot build {name!r} with {kwargs}: {err}") from err
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model {name!r} returned a {type(model).__name__}, not an nn.Module")
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# The user's weights
+
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+# Where training scripts commonly nest the state dict inside a checkpoint, in the order tried.
+_NESTED_KEYS = ("state_dict", "model_state_dict", "model")
+# Prefixes that wrappers add to every key: DDP / DataParallel, and torch.compile.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """The state dict in a weights file, unwrapped.
+
+    ``.safetensors`` files are read as they are; ``.pt``, ``.pth`` and ``.bin`` with
+    ``torch.load(weights_only=True)``, which refuses any pickle that would run code. A state dict
+    nested under ``state_dict``, ``model_state_dict`` or ``model`` is found, and a prefix that
+    every key shares from a wrapper (``module.`` of DDP, ``_orig_mod.`` of ``torch.compile``) is
+    removed.
+
+    Raises
+    ------
+    ValueError
+        For a missing file, another suffix, a pickle with code, or a file holding no tensors.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"model.weights: {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix not in WEIGHT_SUFFIXES:
+        raise ValueError(f"model.weights: {path} is not a weights file; expected one of {', '.join(WEIGHT_SUFFIXES)}")
+    if suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state: Any = load_file(str(path))
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"model.weights: {path} is not a readable safetensors file ({err})") from None
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise ValueError(
+                f"model.weights: {path} cannot be read as weights only ({first}); it holds more than tensors "
+                "(a pickled module or object); save model.state_dict() with torch.save or safetensors instead"
+            ) from None
+    for key in _NESTED_KEYS:
+        if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
+            state = state[key]
+            break
+    if not isinstance(state, Mapping) or not state or not all(torch.is_tensor(v) for v in state.values()):
+        kinds = sorted({type(v).__name__ for v in state.values()}) if isinstance(state, Mapping) else [type(state).__name__]
+        raise ValueError(
+            f"model.weights: {path} holds no state dict of tensors (found {', '.join(kinds) or 'nothing'}); "
+            f"expected a state dict, or one under {', '.join(_NESTED_KEYS)}"
+        )
+    state = dict(state)
+    for prefix in _WRAPPER_PREFIXES:
+        if all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def _few(keys: Sequence[str], n: int = 5) -> str:
+    shown = ", ".join(keys[:n])
+    return shown + (f", ... ({len(keys) - n} more)" if len(keys) > n else "")
+
+
+def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load a weights file (:func:`read_state_dict`) into ``model``, strictly; returns ``model``.
+
+    Raises
+    ------
+    ValueError
+        One message with the counts and the first few missing, unexpected and shape-mismatched keys.
+    """
+    state = read_state_dict(path)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing ({_few(missing)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected ({_few(unexpected)})")
+        if shapes:
+            parts.append(f"{len(shapes)} of another shape (file vs model: {_few(shapes)})")
+        raise ValueError(f"model.weights: {path} does not fit {type(model).__name__}: " + "; ".join(parts))
+    model.load_state_dict(state, strict=True)
+    return model
