@@ -265,3 +265,9 @@ def test_an_npz_of_non_square_images_runs_through(tmp_path):
     cfg = resolve_config(overrides=[*own_settings(tmp_path, "wide"), f"data.dataset={tmp_path / 'wide.npz'}", "export.onnx=false"])
     result = pipeline.run(cfg, model=model)
     assert result.export["macs"]["original"] == gross.count_macs(model, (3, 8, 12)).total
+
+
+def test_a_network_with_another_number_of_outputs_is_refused(tmp_path):
+    cfg = resolve_config(overrides=own_settings(tmp_path, "classes"))
+    with pytest.raises(ConfigError, match="the module given in Python gives 7 outputs but the data has 4 classes"):
+        pipeline.run(cfg, model=my_net(num_classes=7))
