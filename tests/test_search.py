@@ -714,3 +714,18 @@ def test_distributed_search_equals_single_process(tmp_path):
     assert mine[0] and mine[1] and not mine[0] & mine[1]
     assert mine[0] | mine[1] == {r.config for r in single.records}
     assert len(read_rows(tmp_path / "run" / "results.csv")) == single.evaluations
+
+
+@pytest.mark.parametrize("strategy, options", [("exhaustive", {}), ("beam", {"width": 1})])
+def test_a_configuration_exactly_at_the_budget_is_picked(strategy, options, monkeypatch):
+    # "Within the budget" includes the budget itself: the uniform configuration that defines the
+    # budget costs exactly the limit, scores best of all, and must be the pick.
+    model = small_paper_net()
+    at_budget = S.uniform_config(gross.search_space(model), 4)
+    fabricated_scores(monkeypatch, lambda c: 0.9 if c == at_budget else sum(c) / 1000)
+    result = S.search(
+        model, synthetic_batches(), strategy=strategy, budget="uniform:4", extra=[at_budget], progress=False, **options
+    )  # fmt: skip
+    scored = {r.config: r for r in result.records}
+    assert scored[at_budget].cost == result.limit
+    assert result.best.config == at_budget

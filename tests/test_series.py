@@ -208,3 +208,25 @@ def test_default_group_sizes():
 def test_repr_is_short():
     text = repr(GroSSConv2d(8, 16, 3, stride=2, padding=1, group_sizes=(2, 8)))
     assert "group_sizes=(2, 8)" in text and "stride=(2, 2)" in text and len(text) < 200
+
+
+@pytest.mark.parametrize("mode", ["zeros", "reflect", "replicate", "circular"])
+@pytest.mark.parametrize("stride", [2, (2, 3)])
+def test_strided_layer_pads_like_f_pad_then_conv(mode, stride):
+    # The reference: pad the input with F.pad in the layer's mode, then one dense F.conv2d with
+    # the layer's stride and no padding. At the full group size the layer is the original conv;
+    # at every size it is the dense conv of its own reconstructed weight.
+    conv = make_conv(dict(in_channels=4, out_channels=4, kernel_size=3, stride=stride, padding=(1, 2), padding_mode=mode))
+    layer = GroSSConv2d.from_conv(conv, max_iter=20)
+    x = torch.randn(2, 4, 9, 11, dtype=D64)
+
+    def reference(weight):
+        padded = F.pad(x, [2, 2, 1, 1], mode="constant" if mode == "zeros" else mode)
+        return F.conv2d(padded, weight, conv.bias, stride)
+
+    layer.group_size = 4
+    torch.testing.assert_close(reference(conv.weight.detach()), conv(x), rtol=1e-12, atol=1e-12)  # the reference is torch's conv
+    torch.testing.assert_close(layer(x), reference(conv.weight.detach()), rtol=1e-8, atol=1e-8)
+    for s in layer.group_sizes:
+        layer.group_size = s
+        torch.testing.assert_close(layer(x), reference(layer.dense_weight(s).detach()), rtol=1e-9, atol=1e-9)

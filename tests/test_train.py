@@ -487,3 +487,25 @@ def test_calibration_batches_are_seeded_augmented_and_checked():
     assert torch.equal(torch.cat(a), torch.cat(b)) and not torch.equal(torch.cat(a), torch.cat(clean))
     with pytest.raises(ValueError, match="cannot draw 31"):
         calibration_batches(data, 31)
+
+
+@pytest.mark.parametrize("form", ["normalised", "literal"])
+@pytest.mark.parametrize("stage", ["finetune", "reconstruct"])
+def test_gross_stages_draw_group_sizes_with_the_configured_form(stage, form):
+    # Two sizes per layer at alpha 2: the smallest is drawn with probability 0.731 (normalised,
+    # exp(-alpha i / N)) or 0.881 (literal, exp(-alpha i)). 64 steps of 3 layers give 192 draws,
+    # whose frequency has a standard deviation of at most 0.032: the forms are 0.15 apart (the run is seeded).
+    original, model = exact_gross_net()
+    data = tiny_splits(n=96)
+    seen, handle = _record_configs(model)
+    options = dict(epochs=1, batch_size=1, lr=0.0, alpha=2.0, sampling=form)
+    if stage == "finetune":
+        train.finetune(model, data, FinetuneConfig(**options))
+    else:
+        # bn_eval off: the model trains in training mode, where the hook records its forwards.
+        train.reconstruct(model, original, data, ReconstructConfig(bn_eval=False, **options))
+    handle.remove()
+    assert len(seen) == 64
+    smallest = sum(c == 2 for config in seen for c in config) / (3 * len(seen))
+    expected = {f: float(gross.sampling.group_size_probs(2, 2.0, f)[0]) for f in ("normalised", "literal")}
+    assert abs(smallest - expected[form]) < 0.06, (smallest, expected)
