@@ -68,7 +68,9 @@ def test_search_export_report_write_their_files(run, capsys):
     out, _ = capsys.readouterr()
     export = folder / "export"
     summary = json.loads((export / "summary.json").read_text())
-    assert summary["config"] == best["best"]["config"] and summary["source"] == "search" and summary["fused"] == []
+    assert summary["config"] == best["best"]["config"] and summary["source"] == "search"
+    # The layers the search counted as one dense conv (cheaper than their bottleneck) are fused.
+    assert summary["fused"] == best["best"]["dense"] and summary["fuse"] == ("search" if summary["fused"] else "none")
     assert (export / "net.safetensors").is_file() and (export / "net.json").is_file()
     assert "MACs (M)" in out and "latency (ms, end to end, torch, batch 1, 1 thread, cpu)" in out and str(export) in out
     # The test accuracy of the chosen network is shown (never used to choose).
@@ -94,7 +96,10 @@ def test_search_export_report_write_their_files(run, capsys):
     report = (folder / "report.md").read_text()
     assert (folder / "pareto.png").is_file() and (folder / "front_group_sizes.png").is_file()
     assert "uniform:4 (<=" in report and "uniform:16 (<=" in report and "uniform 8" in report
-    assert "## Measured networks" in report and f"| chosen by MACs | {' '.join(map(str, summary['config']))} |" in report
+    fused = f", fused: {', '.join(summary['fused'])}" if summary["fused"] else ""
+    assert "## Measured networks" in report and f"| chosen by MACs{fused} | {' '.join(map(str, summary['config']))} |" in report
+    if summary["fused"]:  # which layers stayed dense, and why
+        assert f"keeps {', '.join(summary['fused'])} dense: one conv per layer" in report and "dense layers" in report
 
 
 def test_search_resumes_from_its_files(run, capsys):

@@ -100,3 +100,20 @@ def test_reads_the_search_csv(tmp_path):
     )
     report = write_report(path, tmp_path / "out")
     assert "| 2 4 8 | 2.000 | 0.75 | 0.74 |" in report.read_text()
+
+
+def test_the_report_says_which_layers_stay_dense(tmp_path):
+    path = tmp_path / "results.csv"
+    path.write_text(
+        "config,cost,macs,params,val_accuracy,val_loss,test_accuracy,dense\n"
+        "1-1-1,1000000.0,1000000,5000,0.5,1.2,0.5,\n"
+        "2-4-8,2000000.0,2000000,6000,0.75,0.9,0.7,conv2 conv4\n"
+    )
+    text = write_report(path, tmp_path / "out", layer_names=["conv2", "conv3", "conv4"]).read_text()
+    assert "| config | MACs (M) | val acc | test acc | params | dense layers |" in text
+    assert "| 1 1 1 | 1.000 | 0.5 | 0.5 | 5.0k |  |" in text
+    assert "| 2 4 8 | 2.000 | 0.75 | 0.7 | 6.0k | conv2, conv4 |" in text
+    assert "dense layers: kept as one dense conv" in text
+    # Without any dense layer the column is left out.
+    plain = write_report([{"config": (1,), "macs": 1.0, "val_acc": 0.5}], tmp_path / "plain").read_text()
+    assert "dense" not in plain

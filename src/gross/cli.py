@@ -168,6 +168,8 @@ def format_results(ctx: Context, export_summary: dict | None = None) -> str:
         if r["config"] == chosen:
             budget = best.get("budget")
             notes.append(f"chosen ({best.get('strategy')}, {'no budget' if budget is None else f'budget {budget}'})")
+        if r.get("dense"):
+            notes.append(f"dense: {', '.join(str(r['dense']).split())}")
         if r["config"] in front:
             notes.append("pareto")
         if r["config"] in labels:

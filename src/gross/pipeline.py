@@ -687,8 +687,8 @@ def stage_search(ctx: Context, skip_done: bool = False, folder: str = SEARCH_DIR
     val = _split_batches(ctx, "val")
     test = _split_batches(ctx, "test") if s.test else None
     table = _on_lead(ctx, lambda: _load_latency(latency_path(ctx), names, "search.cost: latency", _latency_setup(ctx))) if s.cost == "latency" else None
-    # The export fuses a bottleneck into one dense conv (same outputs) where that is faster, so
-    # under latency the dense conv is a per-layer choice (see _export's fuse).
+    # The export fuses a bottleneck into one dense conv (same outputs) where that is cheaper, so
+    # the dense conv is a per-layer choice under MACs and latency alike (see _export's fuse).
     cost = AdditiveCost.from_latency_table(table, fuse=table.has_dense) if table is not None else macs_cost(model, shape)
     budget = parse_budget(s.budget)
     limit = resolve_budget(budget, space, cost)
@@ -700,8 +700,8 @@ def stage_search(ctx: Context, skip_done: bool = False, folder: str = SEARCH_DIR
         limit_text = f"no budget ({'ms' if table is not None else 'MACs'})"
     if table is not None:
         limit_text += f" (latency table measured with {describe_setup(table.setup)})"
-    if cost.name == FUSED_LATENCY:
-        limit_text += ", each layer at the faster of its bottleneck and the dense conv"
+    if cost.dense is not None:
+        limit_text += f", each layer at the {'faster' if table is not None else 'cheaper'} of its bottleneck and the dense conv"
     ctx.log(f"[search] {out}: {strategy} over {math.prod(len(x) for x in space)} configurations of {', '.join(names)}; "
             f"{limit_text}; scored on the val split{' (and test, reported only)' if s.test else ''}")
     if ctx.lead:
@@ -721,17 +721,23 @@ def stage_search(ctx: Context, skip_done: bool = False, folder: str = SEARCH_DIR
     )
     if ctx.lead:
         records = {r.config: r for r in result.records}
+        bottlenecks = macs_cost(model, shape, dense=False)
         rows = [
             {
                 "config": format_config(c), "label": label, "cost": repr(records[c].cost), "macs": records[c].macs,
                 "params": records[c].params, "val_accuracy": repr(records[c].val_accuracy), "val_loss": repr(records[c].val_loss),
                 "test_accuracy": "" if records[c].test_accuracy is None else repr(records[c].test_accuracy),
+                "dense": " ".join(records[c].dense),
+                # What the budget uniform:G stands for: every layer its bottleneck (the report's budget lines).
+                "bottleneck_macs": int(bottlenecks.of(c)),
             }
             for label, c in uniform
         ]
-        atomic_write(out / "uniform.csv", _csv_text(rows, ["config", "label", "cost", "macs", "params", "val_accuracy", "val_loss", "test_accuracy"]))
+        columns = ["config", "label", "cost", "macs", "params", "val_accuracy", "val_loss", "test_accuracy", "dense", "bottleneck_macs"]
+        atomic_write(out / "uniform.csv", _csv_text(rows, columns))
+        dense = f" with {', '.join(result.best.dense)} dense (one conv, cheaper than the bottleneck)" if result.best.dense else ""
         ctx.log(f"[search] {result.evaluations} configurations ({result.evaluated_now} scored now) in {result.seconds:.1f}s; "
-                f"best {format_config(result.best.config)}: val acc {100 * result.best.val_accuracy:.2f}%, {result.best.macs / 1e6:.3f} M MACs")
+                f"best {format_config(result.best.config)}{dense}: val acc {100 * result.best.val_accuracy:.2f}%, {result.best.macs / 1e6:.3f} M MACs")
     ctx.barrier()
     return True
 
@@ -828,7 +834,7 @@ def slower_note(ctx: Context, summary: dict) -> str | None:
         return None
     text = (f"The exported network {format_config(summary['config'])} is {ratio(ms['original'], ms['exported'], 'faster', 'slower')} "
             f"than the original with {describe_setup(setup)}")
-    if summary["fuse"] != "none":  # chosen by the latency table already: the measurement disagrees with it
+    if summary["fuse"] == "auto":  # chosen by the latency table already: the measurement disagrees with it
         return text + " (the latency table predicted otherwise; `gross latency --force` measures it again)."
     fewer = f", although it has {ratio(macs['original'], macs['exported'], 'fewer', 'more')} MACs" if macs["exported"] < macs["original"] else ""
     return (f"{text}{fewer}: here its bottlenecks are slower than the dense convs they replace. `gross latency --name "
@@ -950,12 +956,17 @@ def stage_export(
 
 
 def _export_into(ctx: Context, tmp: Path, model: torch.nn.Module, arch: dict, base: torch.nn.Module, chosen: tuple[int, ...],
-                 source: str, fuse: str, table: LatencyTable | None, shape: tuple[int, ...], val: list) -> dict:
-    """Write, reload, check, measure and summarise the exported network in ``tmp``."""
+                 source: str, fuse: str, table: LatencyTable | None, shape: tuple[int, ...], val: list,
+                 dense: Sequence[str] = ()) -> dict:
+    """Write, reload, check, measure and summarise the exported network in ``tmp``.
+
+    ``fuse`` is export.fuse (``auto``, ``none``, ``all``) or ``search``: fuse the layers ``dense``,
+    those the search counted as their dense conv.
+    """
     cfg = ctx.cfg.export
     names = [name for name, _ in gross_layers(model)]
     save_export(model, tmp, arch={"name": arch["model"], "kwargs": arch["kwargs"]}, config=chosen,
-                fuse={"auto": "auto", "none": False, "all": True}[fuse], latency=table, original=base)
+                fuse={"auto": "auto", "none": False, "all": True, "search": dense}[fuse], latency=table, original=base)
     exported = load_export(tmp).to(ctx.device)
     record = {name: info for name, info in getattr(exported, "gross_export").items()}
     fused = [name for name, info in record.items() if info["fused"]]
@@ -1011,6 +1022,7 @@ def _export_into(ctx: Context, tmp: Path, model: torch.nn.Module, arch: dict, ba
 def _export(ctx: Context, config: tuple[int, ...] | dict[str, int] | None, best: bool, out: Path, search: str) -> dict:
     cfg = ctx.cfg.export
     fuse_setting = cfg.fuse
+    dense: list[str] = []  # the layers to fuse with fuse_setting "search"
     model, meta = _gross_model(ctx)
     base, _ = _load(ctx, ctx.run_dir / STAGE_DIRS["train"] / MODEL, "train", base_arch(ctx))
     names = [name for name, _ in gross_layers(model)]
@@ -1025,6 +1037,12 @@ def _export(ctx: Context, config: tuple[int, ...] | dict[str, int] | None, best:
             # fusing where the table says so gives the network it chose.
             ctx.log("[export] the search chose by latency with fused layers where faster: exporting with fuse auto")
             fuse_setting = "auto"
+        elif found["best"].get("dense") and fuse_setting == "none":
+            # The search counted these layers as their dense conv (cheaper than the bottleneck):
+            # fusing them builds the network it costed, with the same outputs.
+            dense = list(found["best"]["dense"])
+            ctx.log(f"[export] the search counted {', '.join(dense)} as one dense conv each: exporting them fused")
+            fuse_setting = "search"
     else:
         chosen, source = _named_choices(names, space, tuple(cfg.config), "export.config"), "export.config"
     table = None
@@ -1039,7 +1057,7 @@ def _export(ctx: Context, config: tuple[int, ...] | dict[str, int] | None, best:
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        summary = _export_into(ctx, tmp, model, meta["arch"], base, chosen, source, fuse_setting, table, shape, val)
+        summary = _export_into(ctx, tmp, model, meta["arch"], base, chosen, source, fuse_setting, table, shape, val, dense)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -1079,6 +1097,8 @@ def search_results(ctx: Context) -> tuple[list[dict], dict[tuple, str], dict]:
             if row["config"] not in by_config:
                 by_config[row["config"]] = row
                 rows.append(row)
+            elif "bottleneck_macs" in row:  # the budget uniform:G stands for
+                by_config[row["config"]]["bottleneck_macs"] = row["bottleneck_macs"]
     return rows, labels, _read_json(folder / "best.json") or {}
 
 
@@ -1115,9 +1135,15 @@ def stage_report(ctx: Context, skip_done: bool = False) -> Path | None:
         for g in (4, 16):
             config = uniform_config(space, g)
             if config in by_config:
-                budgets[f"uniform:{g}"] = by_config[config]["macs"]
+                # uniform:G is every layer's bottleneck at G, also where the search may keep a layer dense.
+                budgets[f"uniform:{g}"] = by_config[config].get("bottleneck_macs", by_config[config]["macs"])
         summary = _read_json(ctx.run_dir / EXPORT_DIR / "summary.json")
         notes = [slower_note(ctx, summary)] if summary else []
+        chosen = best.get("best") or {}
+        if chosen.get("dense"):
+            what = {"macs": "fewer MACs", FUSED_LATENCY: "a lower predicted latency"}.get(best.get("cost"), f"a lower {best.get('cost')}")
+            notes.append(f"The search's choice {format_config(chosen['config'])} keeps {', '.join(chosen['dense'])} dense: one conv per layer, "
+                         f"its bottleneck fused back (same outputs), because there the dense conv has {what} than the bottleneck.")
         if table is not None:
             notes.append(f"latency (ms): predicted by the latency table {latency_path(ctx)}, measured with {describe_setup(table.setup)}.")
         title = f"GroSS search: {ctx.cfg.name} ({arch['model']} on {Path(str(ctx.cfg.data.dataset)).name})"

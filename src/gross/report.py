@@ -1,9 +1,11 @@
 """Tables and plots of a search: the Pareto front, the uniform baselines, the best under budgets.
 
 Input rows are dicts with at least ``config`` (a tuple: one group size, or ``"dense"``, per
-layer), ``macs`` and ``val_acc``; optional ``test_acc``, ``latency_ms`` and ``params``. They come
-from the search as a list, or from its ``results.csv`` (:func:`read_results`), whose
-``val_accuracy`` and ``test_accuracy`` columns are read as ``val_acc`` and ``test_acc``.
+layer), ``macs`` and ``val_acc``; optional ``test_acc``, ``latency_ms``, ``params`` and ``dense``
+(the names of the layers that stay one dense conv, their bottleneck fused back: a sequence, or
+one space-separated string as ``results.csv`` holds it). They come from the search as a list, or
+from its ``results.csv`` (:func:`read_results`), whose ``val_accuracy`` and ``test_accuracy``
+columns are read as ``val_acc`` and ``test_acc``.
 
 Plots use matplotlib's object API with the Agg canvas (``matplotlib.figure.Figure``), so writing
 a report neither needs a display nor changes the caller's pyplot backend.
@@ -98,6 +100,8 @@ def _rows(results: Rows) -> list[dict]:
         if "config" not in row:
             raise ValueError(f"every row needs a 'config', got {sorted(row)}")
         row["config"] = _parse_config(row["config"])
+        dense = row.get("dense") or ()
+        row["dense"] = tuple(dense.split() if isinstance(dense, str) else dense)
         for long, short in _ALIASES.items():
             if long in row and short not in row:
                 row[short] = row.pop(long)
@@ -118,6 +122,8 @@ def _uniform(rows: list[dict], uniform: Mapping[str, Sequence] | Sequence[Sequen
 
 
 def _fmt(value: object, key: str) -> str:
+    if key == "dense":
+        return ", ".join(value or ())  # type: ignore[arg-type]
     x = _number(value)
     if x is None:
         return "" if value is None or isinstance(value, float) else str(value)
@@ -132,7 +138,7 @@ def _fmt(value: object, key: str) -> str:
 
 def _header(key: str) -> str:
     return {"macs": "MACs (M)", "val_acc": "val acc", "ms": "measured ms (end to end)", "setup": "measured with",
-            "versus": "against the original"}.get(
+            "versus": "against the original", "dense": "dense layers"}.get(
         key, dict(_OPTIONAL).get(key, key)
     )
 
@@ -214,6 +220,8 @@ def write_report(
         budgets = {r["_label"]: _number(r.get(cost_key)) for r in uniform_rows if _number(r.get(cost_key)) is not None}
         references = {r["_label"]: _number(r.get(score_key)) for r in uniform_rows}
     keys = [cost_key, score_key] + [k for k, _ in _OPTIONAL if k not in (cost_key, score_key) and any(k in r for r in rows)]
+    if any(r["dense"] for r in rows):
+        keys.append("dense")
 
     lines = [f"# {title}", ""]
     lines.append(
@@ -223,6 +231,9 @@ def write_report(
     if layer_names:
         lines.append(f"Configurations list the group size of: {', '.join(layer_names)}.")
     lines += ["", "## Pareto front", ""] + _table(front, keys)
+    if "dense" in keys:
+        lines += ["", "dense layers: kept as one dense conv (the bottleneck at that group size fused back: the same "
+                      "outputs, the original conv's shape), where that costs less than the bottleneck."]
     if uniform_rows or missing:
         lines += ["", "## Uniform configurations", ""] + _table(uniform_rows, keys, first="label")
         if missing:
@@ -301,6 +312,8 @@ def _plot_sizes(front: Sequence[Row], path: Path, cost_key: str, layer_names: Se
 
     n_layers = max(len(r["config"]) for r in front)
     names = list(layer_names) if layer_names and len(layer_names) == n_layers else [f"layer {i + 1}" for i in range(n_layers)]
+    # A layer that stays dense is shown as dense (D), whatever the group size it was fused at.
+    front = [{**r, "config": tuple("dense" if n in r.get("dense", ()) else s for n, s in zip(names, r["config"]))} for r in front]
     sizes = [s for r in front for s in r["config"] if isinstance(s, int) and s > 0]
     dense_level = math.log2(max(sizes)) + 1 if sizes else 0.0
     grid = np.full((n_layers, len(front)), np.nan)
