@@ -277,7 +277,7 @@ def test_unknown_or_missing_dataset(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="download=True") as err:
         load_dataset("cifar10", root=tmp_path)
     _one_line(err)
-    with pytest.raises(DataError, match="neither"):
+    with pytest.raises(DataError, match="no train/ image folder"):
         load_dataset(tmp_path)
     # A relative path that is not there says where it was looked for.
     with pytest.raises(DataError, match=r"'../shared/nope': no such file or folder \(relative paths start from the current folder, /") as err:

@@ -64,7 +64,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    dataset: str = "digits"  # "digits" (embedded, 1,797 8x8 digits upsampled to 32x32x3), "cifar10" (looked for in root), or a path to a .npz file or to a folder of train.npz + test.npz or cifar-10-batches-py
+    dataset: str = "digits"  # "digits" (embedded, 1,797 8x8 digits upsampled to 32x32x3), "cifar10" (looked for in root), or a path to a .npz file, to a folder of train.npz + test.npz or cifar-10-batches-py, or to an image folder train/<class>/<image> (+ optional val/, test/; docs/data.md)
     root: str = "data"  # where "cifar10" is looked for
     download: bool = False  # "cifar10" missing from root: download it there from the official address and check its MD5
     val_size: Union[int, float] = 0.2  # validation split cut from train: a fraction (< 1) or a number of images (>= 1; CIFAR-10: 10000)
@@ -75,12 +75,20 @@ class DataConfig:
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])  # per-channel normalisation std (authors' code 0.5, paper text 0.225)
     eval_batch_size: int = 1000  # batch size of every evaluation
     limit: int = 0  # keep only the first N training images (0: all); for smoke tests
+    image_size: Union[int, list[int], None] = None  # network input size, an int or [height, width]; null: the images' own size (an image folder's images must then share one); image folders are resized to it (docs/data.md)
+    channels: int = 3  # image folders: 3 (RGB) or 1 (grayscale); other modes are converted
+    augment: str = "auto"  # training augmentation: pad_crop (pad, random crop, flip), random_resized_crop (scale 0.08-1, ratio 3/4-4/3, flip: ImageNet), none, or auto (random_resized_crop from 128 px, else pad_crop); flips only with data.flip
+    memory_gb: Union[float, None] = None  # image folders whose decoded images fit in this many GiB are held in memory (decoded once, cached), larger ones streamed; null: a quarter of the machine's memory; 0: always stream
+    cache: Union[str, None] = ""  # where decoded in-memory image folders are cached: "" the run folder's data-cache/, a path (shared by runs), or null (decode every time)
+    workers: Union[int, None] = None  # image folders: decoding processes per training process; null: the CPUs available, at most 8
+    skip_bad: bool = False  # image folders: skip unreadable images (counted in the log) instead of stopping at the first
 
 
 @dataclass
 class ModelConfig:
-    name: str = "paper"  # one of gross.models.MODELS: paper, resnet20, resnet18, vgg16_bn
-    kwargs: dict = field(default_factory=dict)  # constructor arguments, e.g. {widths: [32, 32, 64, 64], fc_std: 0.01}; num_classes, in_channels and image_size come from the data unless given
+    name: str = "paper"  # a built-in network (paper, resnet20, resnet18, vgg16_bn), package.module:callable, or path/to/file.py:callable (relative to the current folder)
+    kwargs: dict = field(default_factory=dict)  # constructor arguments, e.g. {widths: [32, 32, 64, 64], fc_std: 0.01}; num_classes, in_channels and image_size come from the data where the constructor takes them and they are not given
+    weights: Union[str, None] = None  # trained weights to start from (.safetensors, or .pt/.pth/.bin read with weights_only=True; nested under state_dict/model/model_state_dict and a module. prefix accepted): the base stage adopts them instead of training
 
 
 @dataclass
@@ -110,7 +118,8 @@ class TrainConfig(OptimConfig):
 
 @dataclass
 class DecomposeConfig:
-    skip: list[str] = field(default_factory=list)  # module names left alone (convs with a single possible group size, like a 3-channel input conv, are always left alone)
+    skip: list[str] = field(default_factory=list)  # module names, or shell-style patterns (layer1.*.conv2), left alone
+    only: list[str] = field(default_factory=list)  # if given, only convs whose names match one of these shell-style patterns are decomposed
     group_sizes: Union[list[int], None] = None  # candidate group sizes of every layer (those dividing its width are kept); null: every power of two
     nested: bool = False  # fit each group size warm-started from the previous one (smaller difference terms); false: independently, as the paper (the default until a full experiment compares the trained spaces)
     btd: dict = field(default_factory=lambda: {"max_iter": 200})  # options of gross.btd (tol, max_iter, seed); the paper: tol 1e-6
@@ -451,6 +460,7 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"data.val_size: expected a fraction < 1 or a whole number of images, got {cfg.data.val_size}")
     if cfg.data.pad < 0 or cfg.data.eval_batch_size < 1 or cfg.data.limit < 0:
         raise ConfigError("data.pad and data.limit must be >= 0 and data.eval_batch_size >= 1")
+    _validate_images(cfg.data)
     if cfg.threads < 0:
         raise ConfigError(f"threads: expected >= 0, got {cfg.threads}")
     s = cfg.search
@@ -468,6 +478,19 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"export.fuse: expected auto, none or all, got {cfg.export.fuse!r}")
     if cfg.export.opset < 17:
         raise ConfigError(f"export.opset: expected 17 or later, got {cfg.export.opset}")
+
+
+def _validate_images(d: DataConfig) -> None:
+    size = d.image_size
+    if size is not None and (isinstance(size, int) and size < 1 or isinstance(size, list) and (len(size) != 2 or min(size) < 1)):
+        raise ConfigError(f"data.image_size: expected a positive int or [height, width], got {size!r}")
+    if d.channels not in (1, 3):
+        raise ConfigError(f"data.channels: expected 3 (RGB) or 1 (grayscale), got {d.channels}")
+    augments = ("auto", "pad_crop", "random_resized_crop", "none")
+    if d.augment not in augments:
+        raise ConfigError(f"data.augment: expected one of {', '.join(augments)}, got {d.augment!r}")
+    if (d.memory_gb is not None and d.memory_gb < 0) or (d.workers is not None and d.workers < 0):
+        raise ConfigError("data.memory_gb and data.workers must be >= 0")
 
 
 def _validate_optim(opt: OptimConfig, key: str) -> None:

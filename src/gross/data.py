@@ -1,8 +1,12 @@
-"""Datasets held whole in memory as uint8 tensors, with batched augmentation on any device.
+"""Labelled images as uint8 tensors, in memory or streamed, with batched augmentation on any device.
 
-Following airbench (Keller Jordan, cifar10-airbench), every image of a dataset lives in one
-``(N, C, H, W)`` uint8 tensor; batches are cut by index, and padding, random crops and flips
-are done for a whole batch at once on the batch's device, with no per-image Python.
+Following airbench (Keller Jordan, cifar10-airbench), every image of a dataset that fits in
+memory lives in one ``(N, C, H, W)`` uint8 tensor (:class:`Dataset`); batches are cut by index,
+and padding, random crops, resized crops and flips are done for a whole batch at once on the
+batch's device, with no per-image Python. An image folder too large for memory is streamed
+(:class:`gross.imagefolder.ImageFiles`): worker processes decode the same index batches into the
+same uint8 tensors, so that everything downstream (augmentation, normalisation, the training
+loops, the search) is the same code on both paths. Both are :class:`ImageSet`.
 
 Sources, all resolved by :func:`load_dataset`:
 
@@ -12,7 +16,9 @@ Sources, all resolved by :func:`load_dataset`:
 - ``"cifar10"``: the official ``cifar-10-batches-py`` pickles, or a folder of ``train.npz`` /
   ``test.npz`` archives; downloaded from the official address only when asked.
 - a path to a ``.npz`` archive (``x`` uint8 NHWC, ``y`` integer labels) or to a folder holding
-  ``train.npz`` and ``test.npz`` or the CIFAR-10 pickles.
+  ``train.npz`` and ``test.npz`` or the CIFAR-10 pickles;
+- a path to an image folder, ``train/<class>/<image>`` with optional ``val/`` and ``test/`` of
+  the same layout (:mod:`gross.imagefolder`; docs/data.md).
 
 Validation splits are stratified and seeded (:func:`split`); the test set is never split or
 used to select anything.
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import math
 import pickle
 import shutil
 import tarfile
@@ -29,9 +36,10 @@ import tempfile
 import urllib.request
 import zipfile
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Union
 
 import numpy as np
 import torch
@@ -45,16 +53,22 @@ __all__ = [
     "CIFAR10_MD5",
     "CIFAR10_URL",
     "DEFAULT_ROOT",
+    "AUGMENTS",
     "DataError",
     "Dataset",
+    "ImageSet",
     "PAPER_MEAN",
     "PAPER_STD",
+    "ResizedCrop",
     "Splits",
+    "StreamedBatches",
     "apply_augmentation",
     "augment",
     "batches",
+    "center_crop",
     "download_cifar10",
     "draw_augmentation",
+    "epoch_order",
     "load_cifar10",
     "load_dataset",
     "load_digits",
@@ -62,6 +76,7 @@ __all__ = [
     "load_npz_folder",
     "normalize",
     "num_batches",
+    "resolve_augment",
     "split",
     "stratified_indices",
 ]
@@ -95,8 +110,64 @@ class DataError(RuntimeError):
     """A data file is missing, unreadable or malformed; the message says what to do."""
 
 
+class ImageSet:
+    """Labelled uint8 images that batches are cut from by index, in memory or streamed.
+
+    Subclasses: :class:`Dataset` (one tensor in memory) and
+    :class:`gross.imagefolder.ImageFiles` (files decoded by worker processes). Code that cuts
+    batches uses only what is declared here, so it does not know which path it is on.
+
+    Attributes (of every subclass)
+    ------------------------------
+    labels : Tensor, shape (N,), int64, on the CPU or the images' device
+    classes : tuple of str
+    mean, std : tuple of float, length C
+    size : tuple of (int, int) or None
+        The network's input height and width; stored images larger than it are centre-cropped
+        to it for evaluation (:func:`center_crop`) and cropped to it by the training
+        augmentation. ``None``: the stored size.
+    """
+
+    labels: Tensor
+    classes: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    size: tuple[int, int] | None
+    in_memory: bool = True
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def stored_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of the uint8 images :meth:`load` yields."""
+        raise NotImplementedError
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(C, h, w)`` of the network's input: the stored channels at :attr:`size`."""
+        c, h, w = self.stored_shape
+        return (c, *self.size) if self.size is not None else (c, h, w)
+
+    def subset(self, index: Tensor) -> ImageSet:
+        """The rows ``index`` (int64, shape (M,)), in that order."""
+        raise NotImplementedError
+
+    def to(self, device: torch.device | str) -> ImageSet:
+        """A copy whose :meth:`load` cuts from ``device`` (streamed sets decode on the host)."""
+        raise NotImplementedError
+
+    def load(self, index_batches: Iterable[Tensor], device: torch.device | str | None = None) -> Iterator[Tensor]:
+        """The uint8 images ``(len(index), C, H, W)`` of each index batch, in order, on ``device``.
+
+        The one place images are read: from the tensor in memory, or decoded from files by
+        worker processes ahead of use.
+        """
+        raise NotImplementedError
+
+
 @dataclass(frozen=True)
-class Dataset:
+class Dataset(ImageSet):
     """Labelled images held whole in memory.
 
     Attributes
@@ -108,6 +179,8 @@ class Dataset:
         Class names, indexed by label.
     mean, std : tuple of float, length C
         Per-channel normalisation in [0, 1] pixel units, used by :func:`batches`.
+    size : tuple of (int, int), optional
+        The network's input size when the stored images are larger (see :class:`ImageSet`).
     """
 
     images: Tensor
@@ -115,6 +188,7 @@ class Dataset:
     classes: tuple[str, ...]
     mean: tuple[float, ...] = PAPER_MEAN
     std: tuple[float, ...] = PAPER_STD
+    size: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
@@ -130,9 +204,18 @@ class Dataset:
         channels = self.images.shape[1]
         if len(self.mean) != channels or len(self.std) != channels:
             raise ValueError(f"mean and std need {channels} values, one per channel")
+        if self.size is not None and not (0 < self.size[0] <= self.images.shape[2] and 0 < self.size[1] <= self.images.shape[3]):
+            raise ValueError(f"size {self.size} does not fit in images of {tuple(self.images.shape[2:])}")
 
-    def __len__(self) -> int:
-        return len(self.labels)
+    @property
+    def stored_shape(self) -> tuple[int, int, int]:
+        _, c, h, w = self.images.shape
+        return (int(c), int(h), int(w))
+
+    def load(self, index_batches: Iterable[Tensor], device: torch.device | str | None = None) -> Iterator[Tensor]:
+        for index in index_batches:
+            x = self.images[index.to(self.images.device)]
+            yield x if device is None else x.to(device, non_blocking=True)
 
     def subset(self, index: Tensor) -> Dataset:
         """The rows ``index`` (int64, shape (M,)), in that order."""
@@ -148,9 +231,9 @@ class Dataset:
 class Splits:
     """Train, validation and test sets of one source; ``val`` is empty when not requested."""
 
-    train: Dataset
-    val: Dataset
-    test: Dataset
+    train: ImageSet
+    val: ImageSet
+    test: ImageSet
 
 
 # ---------------------------------------------------------------------------------------------
@@ -465,8 +548,19 @@ def _load_folder(folder: Path) -> tuple[Dataset, Dataset]:
     if _has_pickles(folder) or _has_pickles(folder / CIFAR10_FOLDER):
         return load_cifar10(folder)
     raise DataError(
-        f"{folder}: holds neither train.npz + test.npz nor {CIFAR10_FOLDER}/; pass a dataset folder"
+        f"{folder}: holds no train/ image folder, train.npz + test.npz or {CIFAR10_FOLDER}/; an image folder is "
+        f"DATASET/train/<class>/<image>, with optional val/<class>/ and test/<class>/ (docs/data.md)"
     )
+
+
+def _stats(values: Sequence[float], channels: int, name: str) -> tuple[float, ...]:
+    """Per-channel statistics for ``channels``; one repeated value fits any channel count."""
+    values = tuple(float(v) for v in values)
+    if len(values) == channels:
+        return values
+    if len(set(values)) == 1:
+        return values[:1] * channels
+    raise DataError(f"data.{name} has {len(values)} values but the images have {channels} channel(s); give one per channel")
 
 
 def _load_cifar10_from(root: Path, download: bool) -> tuple[Dataset, Dataset]:
@@ -493,6 +587,15 @@ def load_dataset(
     root: str | Path = DEFAULT_ROOT,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    image_size: int | Sequence[int] | None = None,
+    channels: int = 3,
+    augment: str = "auto",
+    memory_gb: float | None = None,
+    cache: str | Path | None = None,
+    workers: int | None = None,
+    skip_bad: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
 ) -> Splits:
     """Load a dataset by name or path and cut a stratified validation split from its train set.
 
@@ -514,12 +617,27 @@ def load_dataset(
         or ``root/*.npz``.
     mean, std : sequence of float, optional
         Per-channel normalisation in [0, 1] units; default :data:`PAPER_MEAN`, :data:`PAPER_STD`.
+    image_size, channels, augment, memory_gb, cache, workers, skip_bad, progress, log
+        For an image folder (``train/<class>/...``), see
+        :func:`gross.imagefolder.load_image_folder`; its ``val/`` folder, when there is one, is
+        the validation split and ``val_size`` is not used. Other sources are used at their own
+        size: ``image_size``, when given, must be it.
 
     Returns
     -------
     Splits
     """
     key = str(name_or_path).lower() if isinstance(name_or_path, str) else None
+    if key not in ("digits", "cifar10", "cifar-10") and Path(name_or_path).is_dir() and (Path(name_or_path) / "train").is_dir():
+        from .imagefolder import load_image_folder
+
+        train, val, test = load_image_folder(
+            name_or_path, image_size=image_size, channels=channels, augment=augment, memory_gb=memory_gb, cache=cache,
+            workers=workers, skip_bad=skip_bad, mean=mean, std=std, progress=progress, log=log,
+        )
+        if val is None:
+            train, val = split(train, val_size, seed)
+        return Splits(train, val, test)
     if key == "digits":
         train, test = load_digits()
     elif key in ("cifar10", "cifar-10"):
@@ -540,9 +658,16 @@ def load_dataset(
                 f"unknown dataset {str(name_or_path)!r}: use 'digits', 'cifar10', or a path to "
                 f"an existing .npz file or folder"
             )
+    wanted = None if image_size is None else (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if wanted is not None and tuple(train.images.shape[2:]) != wanted:
+        raise DataError(
+            f"data.image_size {image_size} but {name_or_path} holds {train.images.shape[2]}x{train.images.shape[3]} images; "
+            f"image_size resizes image folders only: leave it unset (null) for this dataset"
+        )
+    c = train.images.shape[1]
     stats = {
-        "mean": tuple(train.mean if mean is None else mean),
-        "std": tuple(train.std if std is None else std),
+        "mean": _stats(train.mean if mean is None else mean, c, "mean"),
+        "std": _stats(train.std if std is None else std, c, "std"),
     }
     train, test = replace(train, **stats), replace(test, **stats)
     train, val = split(train, val_size, seed)
@@ -599,12 +724,12 @@ def stratified_indices(labels: Tensor, size: int | float, seed: int) -> tuple[Te
     return keep_t, held_t
 
 
-def split(dataset: Dataset, val_size: int | float, seed: int) -> tuple[Dataset, Dataset]:
-    """Seeded stratified train / validation split of ``dataset``.
+def split(dataset: ImageSet, val_size: int | float, seed: int) -> tuple[ImageSet, ImageSet]:
+    """Seeded stratified train / validation split of ``dataset`` (in memory or streamed).
 
     Parameters
     ----------
-    dataset : Dataset
+    dataset : ImageSet
         A training set; never pass the test set.
     val_size : int or float
         Validation images: a count, or a fraction of ``len(dataset)`` in [0, 1).
@@ -643,6 +768,128 @@ class Augmentation:
     crop: int | None = None
     flip: bool = True
     padding_mode: str = "zeros"
+
+    def draw(self, n: int, height: int, width: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        """Offsets and flips of ``n`` images (:func:`draw_augmentation`)."""
+        return draw_augmentation(n, height, width, pad=self.pad, crop=self.crop, flip=self.flip, generator=generator)
+
+    def apply(self, images: Tensor, drawn: tuple[Tensor, ...], size: tuple[int, int] | None = None) -> Tensor:
+        """``images`` augmented as drawn, then centre-cropped to ``size`` if that is smaller."""
+        out = apply_augmentation(images, *drawn, pad=self.pad, crop=self.crop, padding_mode=self.padding_mode)
+        return center_crop(out, size)
+
+
+@dataclass(frozen=True)
+class ResizedCrop:
+    """Random resized crop and horizontal flip: the ImageNet training augmentation.
+
+    Each image is cropped to a box of ``scale`` times its area and aspect ratio (width / height)
+    log-uniform in ``ratio``, at a uniform position, and the box is resized to the output size
+    (bilinear); as torchvision's ``RandomResizedCrop``, ten boxes are tried per image and the
+    first that fits is taken, else the centred box of the closest allowed ratio. Done for a
+    whole batch in one ``grid_sample`` (the box's sampling grid), so it runs on the GPU as well;
+    a reduction by more than 2x is not anti-aliased.
+
+    Attributes
+    ----------
+    scale : (float, float)
+        Range of the box's area as a fraction of the image's.
+    ratio : (float, float)
+        Range of the box's aspect ratio.
+    flip : bool
+        Flip each image left-right with probability 0.5.
+    """
+
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip: bool = True
+
+    _ATTEMPTS = 10
+
+    def draw(self, n: int, height: int, width: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        """Boxes ``(n, 4)`` float64 (top, left, height, width in pixels) and flips ``(n,)`` bool.
+
+        Always the same number of draws from ``generator`` per batch, whichever boxes fit, so
+        that what follows in the stream does not depend on the image size.
+        """
+        device = _draw_device(generator)
+        k = self._ATTEMPTS
+        area = height * width * (self.scale[0] + (self.scale[1] - self.scale[0]) * torch.rand(n, k, generator=generator, device=device, dtype=torch.float64))
+        lo, hi = math.log(self.ratio[0]), math.log(self.ratio[1])
+        aspect = torch.exp(lo + (hi - lo) * torch.rand(n, k, generator=generator, device=device, dtype=torch.float64))
+        w = torch.sqrt(area * aspect).round()
+        h = torch.sqrt(area / aspect).round()
+        fits = (w >= 1) & (w <= width) & (h >= 1) & (h <= height)
+        # The fallback: the whole image, or its centre at the nearest allowed aspect ratio.
+        in_ratio = width / height
+        if in_ratio < self.ratio[0]:
+            fw, fh = float(width), float(round(width / self.ratio[0]))
+        elif in_ratio > self.ratio[1]:
+            fw, fh = float(round(height * self.ratio[1])), float(height)
+        else:
+            fw, fh = float(width), float(height)
+        first = torch.where(fits.any(1), fits.double().argmax(1), torch.full((n,), k, device=device))
+        pick = first.clamp(max=k - 1)[:, None]
+        found = first < k
+        bh = torch.where(found, h.gather(1, pick)[:, 0], torch.full((n,), fh, dtype=torch.float64, device=device))
+        bw = torch.where(found, w.gather(1, pick)[:, 0], torch.full((n,), fw, dtype=torch.float64, device=device))
+        u = torch.rand(n, 2, generator=generator, device=device, dtype=torch.float64)
+        top = torch.where(found, (u[:, 0] * (height - bh + 1)).floor(), ((height - bh) / 2).floor())
+        left = torch.where(found, (u[:, 1] * (width - bw + 1)).floor(), ((width - bw) / 2).floor())
+        if self.flip:
+            flips = torch.rand(n, generator=generator, device=device) < 0.5
+        else:
+            flips = torch.zeros(n, dtype=torch.bool, device=device)
+        return torch.stack([top, left, bh, bw], dim=1), flips
+
+    def apply(self, images: Tensor, drawn: tuple[Tensor, ...], size: tuple[int, int] | None = None) -> Tensor:
+        """Crop each image to its box, resize it to ``size`` (default the input's) and flip it."""
+        boxes, flips = drawn
+        n, _, h, w = images.shape
+        oh, ow = size if size is not None else (h, w)
+        boxes = boxes.to(images.device, torch.float32)
+        top, left, bh, bw = boxes.unbind(1)
+        # The affine map from output to input in grid_sample's [-1, 1] units (align_corners=False):
+        # the box's centre and half-extent; a flip reads the box's columns right to left.
+        sx = bw / w * torch.where(flips.to(images.device), -1.0, 1.0)
+        theta = torch.zeros(n, 2, 3, device=images.device)
+        theta[:, 0, 0] = sx
+        theta[:, 0, 2] = (2 * left + bw) / w - 1
+        theta[:, 1, 1] = bh / h
+        theta[:, 1, 2] = (2 * top + bh) / h - 1
+        grid = F.affine_grid(theta, [n, images.shape[1], oh, ow], align_corners=False)
+        out = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+        return out.round_().clamp_(0, 255).to(images.dtype) if images.dtype == torch.uint8 else out.to(images.dtype)
+
+
+# The training augmentations data.augment names; "auto" is resolved by resolve_augment.
+AUGMENTS = ("auto", "pad_crop", "random_resized_crop", "none")
+# From this shorter side up, "auto" treats images as photographs (ImageNet-like: a random
+# resized crop) rather than thumbnails (CIFAR-like: a few pixels' translation).
+AUTO_RESIZED_CROP_FROM = 128
+
+
+def resolve_augment(kind: str, size: Sequence[int]) -> str:
+    """``kind``, or for ``"auto"``: ``"random_resized_crop"`` for images of 128 px and more, else ``"pad_crop"``."""
+    if kind not in AUGMENTS:
+        raise ValueError(f"data.augment: expected one of {', '.join(AUGMENTS)}, got {kind!r}")
+    if kind == "auto":
+        return "random_resized_crop" if min(size) >= AUTO_RESIZED_CROP_FROM else "pad_crop"
+    return kind
+
+
+def center_crop(images: Tensor, size: Sequence[int] | None) -> Tensor:
+    """The central ``size`` (height, width) of a batch ``(N, C, H, W)``; the batch itself if it has that size."""
+    if size is None:
+        return images
+    h, w = images.shape[-2:]
+    th, tw = size
+    if (th, tw) == (h, w):
+        return images
+    if th > h or tw > w:
+        raise ValueError(f"cannot centre-crop {th}x{tw} from {h}x{w} images")
+    top, left = (h - th) // 2, (w - tw) // 2
+    return images[..., top : top + th, left : left + tw]
 
 
 def _draw_device(generator: torch.Generator | None) -> torch.device:
@@ -813,11 +1060,11 @@ def num_batches(n: int, batch_size: int, drop_last: bool = False) -> int:
 
 
 def batches(
-    dataset: Dataset,
+    dataset: ImageSet,
     batch_size: int,
     *,
     shuffle: bool = False,
-    augmentation: Augmentation | bool | None = None,
+    augmentation: Augmentation | ResizedCrop | bool | None = None,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     drop_last: bool = False,
@@ -828,16 +1075,19 @@ def batches(
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """One epoch of normalised, optionally shuffled and augmented batches.
 
-    Rows are cut from the uint8 tensor, moved to ``device``, then augmented and normalised
-    there; put the dataset on the GPU first (:meth:`Dataset.to`) to skip host transfers.
+    Rows are cut from the uint8 images (:meth:`ImageSet.load`), moved to ``device``, then
+    augmented and normalised there; put an in-memory dataset on the GPU first
+    (:meth:`Dataset.to`) to skip host transfers. Without augmentation, images larger than the
+    dataset's :attr:`~ImageSet.size` are centre-cropped to it.
 
     Parameters
     ----------
-    dataset : Dataset
+    dataset : ImageSet
+        In memory or streamed; the same seed gives the same batches on both.
     batch_size : int
     shuffle : bool
         Visit rows in a random order drawn from ``generator``.
-    augmentation : Augmentation, bool or None
+    augmentation : Augmentation, ResizedCrop, bool or None
         ``True`` for the default :class:`Augmentation`; ``None``/``False`` for none.
     generator : torch.Generator, optional
         Source of all randomness; a seeded one makes the epoch reproducible on any device.
@@ -858,26 +1108,51 @@ def batches(
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     aug = Augmentation() if augmentation is True else augmentation or None
-    device = dataset.images.device if device is None else torch.device(device)
+    if device is None:
+        device = dataset.images.device if isinstance(dataset, Dataset) else torch.device("cpu")
+    device = torch.device(device)
     mean = dataset.mean if mean is None else mean
     std = dataset.std if std is None else std
-    n = len(dataset)
-    if shuffle:
-        order = torch.randperm(n, generator=generator, device=_draw_device(generator))
-        order = order.to(dataset.images.device)
-    else:
-        order = torch.arange(n, device=dataset.images.device)
-    for b in range(num_batches(n, batch_size, drop_last)):
-        index = order[b * batch_size : (b + 1) * batch_size]
-        x = dataset.images[index].to(device, non_blocking=True)
-        y = dataset.labels[index].to(device, non_blocking=True)
-        if aug is not None:
-            x = augment(
-                x,
-                pad=aug.pad,
-                crop=aug.crop,
-                flip=aug.flip,
-                padding_mode=aug.padding_mode,
-                generator=generator,
-            )
+    order = epoch_order(len(dataset), shuffle, generator)
+    index_batches = [order[b * batch_size : (b + 1) * batch_size] for b in range(num_batches(len(dataset), batch_size, drop_last))]
+    _, h, w = dataset.stored_shape
+    for index, x in zip(index_batches, dataset.load(index_batches, device)):
+        y = dataset.labels[index.to(dataset.labels.device)].to(device, non_blocking=True)
+        # Drawn batch by batch, after the permutation: the order the training loop draws in.
+        x = aug.apply(x, aug.draw(len(index), h, w, generator), dataset.size) if aug is not None else center_crop(x, dataset.size)
         yield normalize(x, mean, std, dtype=dtype, channels_last=channels_last), y
+
+
+class StreamedBatches(Sequence):
+    """The evaluation batches of a streamed set as a sequence: every pass decodes them again.
+
+    What :func:`gross.train.prepare_batches` gives for a dataset that is not in memory, so that
+    the evaluation and search code, which iterate over batches many times, take either.
+    """
+
+    def __init__(self, dataset: ImageSet, batch_size: int, device: torch.device | str | None = None, channels_last: bool = False) -> None:
+        self.dataset, self.batch_size, self.channels_last = dataset, batch_size, channels_last
+        self.device = torch.device("cpu") if device is None else torch.device(device)
+
+    def __len__(self) -> int:
+        return num_batches(len(self.dataset), self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        return batches(self.dataset, self.batch_size, device=self.device, channels_last=self.channels_last)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        i %= len(self)
+        rows = torch.arange(i * self.batch_size, min((i + 1) * self.batch_size, len(self.dataset)))
+        return next(batches(self.dataset.subset(rows), self.batch_size, device=self.device, channels_last=self.channels_last))
+
+
+def epoch_order(n: int, shuffle: bool, generator: torch.Generator | None) -> Tensor:
+    """The rows of one epoch: a permutation drawn from ``generator`` (on its device), or ``0..n-1``.
+
+    On the CPU whatever the images' device, so that one seed orders both paths alike.
+    """
+    if shuffle:
+        return torch.randperm(n, generator=generator, device=_draw_device(generator)).cpu()
+    return torch.arange(n)

@@ -67,7 +67,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .btd import conditioning
-from .checkpoint import CheckpointError, atomic_write, load_model, make_arch, read_meta, save_model
+from .checkpoint import CheckpointError, atomic_write, describe_arch, load_model, make_arch, python_arch_name, read_meta, save_model
 from .config import Config, ConfigError, config_to_dict, dump_config
 from .data import DataError, Splits
 from .export import export_onnx
@@ -82,12 +82,13 @@ from .model import (
     get_config,
     gross_layers,
     load_batchnorm_state,
+    plan_decomposition,
     recalibrate_batchnorm,
     sample_config,
     search_space,
     set_config,
 )
-from .models import build_model
+from .models import build_model, canonical_name, load_weights
 from .report import read_results, write_report
 from .runtime import RuntimeMissing, check_runtime
 from .search import FUSED_LATENCY, AdditiveCost, feasible_configs, macs_cost, resolve_budget, uniform_config
@@ -137,6 +138,7 @@ MODEL = "model.safetensors"
 ARCH = "arch.json"
 STAGES = ("train", "decompose", "reconstruct", "finetune")
 STAGE_DIRS = {"train": "base", "decompose": "decompose", "reconstruct": "reconstruct", "finetune": "gross"}
+DATA_CACHE = "data-cache"  # decoded in-memory image folders (data.cache: "")
 # Configuration sections each stage's output depends on (checked when a finished stage is reused).
 STAGE_SECTIONS = {
     "train": ("data", "model", "train"),
@@ -169,6 +171,7 @@ class Context:
     restart: bool = False
     force: bool = False
     progress: bool = True
+    model: torch.nn.Module | None = field(default=None, repr=False)  # the user's network with its weights (pipeline.run(cfg, model=...)), on the CPU
     _splits: Splits | None = field(default=None, repr=False)
 
     @property
@@ -181,7 +184,8 @@ class Context:
 
     def splits(self) -> Splits:
         if self._splits is None:
-            splits = load_splits(self.cfg.data)
+            # Decoded image folders are cached in the run folder unless data.cache names another.
+            splits = load_splits(self.cfg.data, cache=self.run_dir / DATA_CACHE, progress=self.progress, log=self.log)
             if self.device.type == "cuda":
                 splits = Splits(splits.train.to(self.device), splits.val.to(self.device), splits.test.to(self.device))
             self._splits = splits
@@ -201,19 +205,50 @@ class Context:
             "out_dir": out_dir,
             "resume": self.resume,
             "progress": self.progress,
-            "augmentation": augmentation_for(self.cfg.data),
+            "augmentation": augmentation_for(self.cfg.data, self.splits().train.shape),
             "channels_last": self.cfg.channels_last,
             "eval_batch_size": self.cfg.data.eval_batch_size,
         }
 
 
 def base_arch(ctx: Context) -> dict:
+    """The architecture record of the run's base network: the given module's, or the configured one's."""
     cfg = ctx.cfg
+    if ctx.model is not None:
+        return make_arch(python_arch_name(ctx.model), {})
     try:
         kwargs = model_kwargs(cfg.model.name, cfg.model.kwargs, ctx.splits().train)
+        return make_arch(canonical_name(cfg.model.name), kwargs)
     except ValueError as err:
         raise ConfigError(f"model.name: {err}") from None
-    return make_arch(cfg.model.name, kwargs)
+
+
+def _given_base(ctx: Context, arch: dict) -> tuple[torch.nn.Module, str] | None:
+    """The trained network the run starts from instead of training one, and where it came from.
+
+    The module handed to :func:`run`, or the configured model with ``model.weights`` loaded;
+    None when the base stage trains.
+    """
+    if ctx.model is not None:
+        return copy.deepcopy(ctx.model).cpu(), "the module given in Python"
+    if ctx.cfg.model.weights is None:
+        return None
+    model = build_model(arch["model"], **arch["kwargs"])
+    try:
+        load_weights(model, ctx.cfg.model.weights)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return model, str(Path(ctx.cfg.model.weights).resolve())
+
+
+def check_settings(ctx: Context) -> None:
+    """Fail before anything is written when the model cannot be built or its weights do not fit it."""
+    arch = base_arch(ctx)
+    if _given_base(ctx, arch) is None:
+        try:
+            build_model(arch["model"], **arch["kwargs"])
+        except ValueError as err:
+            raise ConfigError(f"model: {err}") from None
 
 
 def _stage_info(ctx: Context, stage: str, history: list | None = None) -> dict:
@@ -278,7 +313,7 @@ def _finish(ctx: Context, out_dir: Path, model: torch.nn.Module, arch: dict, inf
 def _load(ctx: Context, path: Path, stage_needed: str, expect: dict | None) -> tuple[torch.nn.Module, dict]:
     if not path.is_file():
         raise StageError(f"{path} is missing; run `gross {stage_needed} --name {ctx.cfg.name}` (or `gross run`) first")
-    return load_model(path, ctx.device, expect=expect)
+    return load_model(path, ctx.device, expect=expect, template=ctx.model)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,17 +324,68 @@ def _epochs(n: int) -> str:
     return f"{n} epoch" if n == 1 else f"{n} epochs"
 
 
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k].cpu(), sb[k].cpu()) for k in sa)
+
+
 def stage_train(ctx: Context, skip_done: bool = False) -> None:
+    """The base network: trained from scratch, or adopted as given (a module, or ``model.weights``).
+
+    An adopted network is saved as it is, bit for bit, with its val and test accuracy and MACs;
+    a run continued with other given weights than its base's is refused.
+    """
     out = ctx.run_dir / STAGE_DIRS["train"]
-    if not _start(ctx, "train", out, skip_done):
-        return
     cfg = ctx.cfg
     arch = base_arch(ctx)
+    given = _given_base(ctx, arch)
+    if given is not None and (out / MODEL).is_file() and not ctx.force:
+        saved, _ = _load(ctx, out / MODEL, "train", arch)
+        if not _same_weights(saved, given[0]):
+            raise StageError(
+                f"{out / MODEL} holds other weights than {given[1]}; continue this run with the weights it started "
+                f"from, or start another (--name) or pass --force to start over from these"
+            )
+    if not _start(ctx, "train", out, skip_done):
+        return
+    if given is not None:
+        _adopt(ctx, out, arch, *given)
+        return
     torch.manual_seed(cfg.train.seed)
     model = build_model(arch["model"], **arch["kwargs"]).to(ctx.device)
     ctx.log(f"[train] {out}: {cfg.model.name} on {cfg.data.dataset}, {_epochs(cfg.train.epochs)}")
     history = train_base(model, ctx.splits(), cfg.train, arch=arch, **ctx.loop_options(out))
     _finish(ctx, out, model, arch, _stage_info(ctx, "train", history))
+
+
+def _adopt(ctx: Context, out: Path, arch: dict, model: torch.nn.Module, source: str) -> None:
+    """Save a trained network as the run's base, with what a trained base records, training nothing."""
+    ctx.log(f"[train] {out}: adopting {source} ({describe_arch(arch)}); nothing is trained")
+    if ctx.lead:
+        splits = ctx.splits()
+        model = model.to(ctx.device)
+        classes = len(splits.train.classes)
+        with torch.inference_mode():
+            outputs = model.eval()(torch.zeros(1, *_input_shape(ctx), device=ctx.device)).shape[-1]
+        if outputs != classes:
+            raise ConfigError(f"{source} gives {outputs} outputs but the data has {classes} classes; "
+                              f"build it for {classes} classes (model.kwargs) or use data of its classes")
+        bs, cl = ctx.cfg.data.eval_batch_size, ctx.cfg.channels_last
+        final: dict[str, Any] = {"epoch": 0}
+        for split in ("val", "test"):
+            data = getattr(splits, split)
+            if len(data):
+                result = evaluate(model, data, batch_size=bs, channels_last=cl)
+                final[f"{split}_acc"], final[f"{split}_loss"] = result.accuracy, result.loss
+        final["macs"] = count_macs(model, _input_shape(ctx)).total
+        info = _stage_info(ctx, "train")
+        info["final"] = final
+        info["adopted"] = source
+        accuracy = ", ".join(f"{k[:-4]} acc {100 * v:.2f}%" for k, v in final.items() if k.endswith("_acc"))
+        ctx.log(f"[train] adopted: {accuracy}; {final['macs'] / 1e6:.3f} M MACs per image")
+        _finish(ctx, out, model, arch, info)
+    else:
+        ctx.barrier()
 
 
 class _LayerBar:
@@ -328,10 +414,16 @@ def stage_decompose(ctx: Context, skip_done: bool = False) -> None:
     base, _ = _load(ctx, ctx.run_dir / STAGE_DIRS["train"] / MODEL, "train", arch)
     if ctx.lead:
         d = ctx.cfg.decompose
+        try:
+            plan = plan_decomposition(base, d.group_sizes, d.skip, d.only, d.btd.get("width"))
+        except ValueError as err:
+            raise ConfigError(f"decompose: {err}") from None
+        for p in plan:
+            ctx.log(f"[decompose] {p.name}: " + (f"group sizes {list(p.sizes)}" if p.sizes else f"left dense ({p.reason})"))
         start = time.perf_counter()
         bar = _LayerBar(ctx)
         try:
-            model = decompose(base, group_sizes=d.group_sizes, skip=d.skip, nested=d.nested, progress=bar, **d.btd)
+            model = decompose(base, group_sizes=d.group_sizes, skip=d.skip, only=d.only, nested=d.nested, progress=bar, **d.btd)
         finally:
             bar.close()
         seconds = time.perf_counter() - start
@@ -470,7 +562,7 @@ def score_configurations(ctx: Context, model: torch.nn.Module, configs: Sequence
     if len(data) == 0:
         raise StageError(f"the {split} split is empty; set data.val_size to cut a validation split")
     batches = prepare_batches(data, ctx.cfg.data.eval_batch_size, ctx.device, ctx.cfg.channels_last)
-    shape = tuple(data.images.shape[1:])
+    shape = data.shape
     rows = []
     if not gross_layers(model):
         r = evaluate(model, batches)
@@ -561,7 +653,7 @@ def _split_batches(ctx: Context, split: str) -> list:
 def _input_shape(ctx: Context) -> tuple[int, ...]:
     splits = ctx.splits()
     data = splits.val if len(splits.val) else splits.train
-    return tuple(int(d) for d in data.images.shape[1:])
+    return tuple(int(d) for d in data.shape)
 
 
 def latency_path(ctx: Context) -> Path:
@@ -596,6 +688,8 @@ def _fingerprint(ctx: Context) -> dict:
             digest.update(chunk)
     d = ctx.cfg.data
     data = {"dataset": d.dataset, "val_size": d.val_size, "split_seed": d.split_seed, "limit": d.limit, "mean": d.mean, "std": d.std}
+    # Only when set, so that searches made before these settings existed stay valid.
+    data.update({k: getattr(d, k) for k, default in (("image_size", None), ("channels", 3)) if getattr(d, k) != default})
     fingerprint = {"model_sha256": digest.hexdigest(), "data": data}
     if ctx.cfg.search.recalibrate:  # absent otherwise, so that searches made before the setting existed stay valid
         fingerprint["recalibrate"] = ctx.cfg.search.recalibrate
@@ -606,7 +700,8 @@ def _calibration(ctx: Context, count: int) -> list[torch.Tensor] | None:
     if count <= 0:
         return None
     d = ctx.cfg.data
-    return calibration_batches(ctx.splits().train, count, d.split_seed, d.eval_batch_size, ctx.device, ctx.cfg.channels_last, augmentation_for(d))
+    train = ctx.splits().train
+    return calibration_batches(train, count, d.split_seed, d.eval_batch_size, ctx.device, ctx.cfg.channels_last, augmentation_for(d, train.shape))
 
 
 def _uniform_configs(space: Sequence[Sequence[int]]) -> list[tuple[str, tuple[int, ...]]]:
@@ -1164,11 +1259,21 @@ def write_config(ctx: Context) -> None:
 # The whole pipeline
 
 
-def context(cfg: Config, *, resume: bool = False, restart: bool = False, force: bool = False, progress: bool = False) -> Context:
+def context(
+    cfg: Config,
+    *,
+    model: torch.nn.Module | None = None,
+    resume: bool = False,
+    restart: bool = False,
+    force: bool = False,
+    progress: bool = False,
+) -> Context:
     """A :class:`Context` for ``cfg``: its device, threads and (under torchrun) process group.
 
     Parameters
     ----------
+    model : nn.Module, optional
+        The user's trained network, weights loaded: the base stage adopts it instead of training.
     resume : bool
         Continue an interrupted training stage from its ``checkpoint.safetensors``.
     restart : bool
@@ -1182,7 +1287,11 @@ def context(cfg: Config, *, resume: bool = False, restart: bool = False, force: 
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     rank, world = init_distributed(device)
-    return Context(cfg, device, rank, world, resume=resume, restart=restart, force=force, progress=progress)
+    if model is not None and not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if model is not None:
+        model = copy.deepcopy(model).cpu().eval()
+    return Context(cfg, device, rank, world, resume=resume, restart=restart, force=force, progress=progress, model=model)
 
 
 @dataclass(frozen=True)
@@ -1196,6 +1305,7 @@ class RunResult:
 
 def run_stages(ctx: Context) -> RunResult:
     """Every stage in order, each skipped when its output exists (so a killed run continues)."""
+    check_settings(ctx)
     write_config(ctx)
     stage_train(ctx, skip_done=True)
     stage_decompose(ctx, skip_done=True)
@@ -1206,20 +1316,23 @@ def run_stages(ctx: Context) -> RunResult:
     return RunResult(ctx.run_dir, summary, stage_report(ctx, skip_done=True))
 
 
-def run(cfg: Config, *, resume: bool = False, progress: bool = False) -> RunResult:
+def run(cfg: Config, *, model: torch.nn.Module | None = None, resume: bool = False, progress: bool = False) -> RunResult:
     """The whole pipeline for a configuration (``gross run``), in ``cfg.run_dir``.
 
     Parameters
     ----------
     cfg : Config
         From :func:`gross.config.resolve_config`.
+    model : nn.Module, optional
+        Your trained network with its weights loaded; the run starts from it (``cfg.model`` is
+        then not used). Continuing the run needs the same module again.
     resume : bool
         Continue an interrupted training stage from its checkpoint; without it an interrupted
         stage is an error that says so.
     progress : bool
         Draw progress bars on stderr.
     """
-    return run_stages(context(cfg, resume=resume, progress=progress))
+    return run_stages(context(cfg, model=model, resume=resume, progress=progress))
 
 
 def one_line(err: BaseException) -> str:

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .data import Dataset, batches
+from .data import ImageSet, batches
 from .latency import DENSE, LatencyTable
 from .macs import macs_table
 from .model import (
@@ -93,7 +93,7 @@ FUSED_LATENCY = "latency_ms_fused"  # the name of a latency cost with the dense 
 Configuration = tuple[int, ...]  # one group size per GroSS layer, in module order
 CostFn = Callable[[Configuration], float]
 Batches = Sequence[tuple[Tensor, Tensor]]
-Data = Union[Dataset, Batches, Callable[[], Iterable[tuple[Tensor, Tensor]]]]
+Data = Union[ImageSet, Batches, Callable[[], Iterable[tuple[Tensor, Tensor]]]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,9 +255,11 @@ def _model_device(model: nn.Module) -> torch.device:
 
 def _batch_source(data: Data, batch_size: int, device: torch.device) -> Callable[[], Iterable[tuple[Tensor, Tensor]]]:
     """Any accepted data as a callable that yields one pass of ``(images, labels)`` batches."""
-    if isinstance(data, Dataset):
+    if isinstance(data, ImageSet):
         if len(data) == 0:
             raise ValueError("cannot evaluate on an empty dataset")
+        if not data.in_memory:  # streamed: decoded again on every pass
+            return lambda: batches(data, batch_size, device=device)
         # Normalised once: a search scores the same images many times.
         prepared = list(batches(data, batch_size, device=device))
         return lambda: prepared
@@ -266,7 +268,7 @@ def _batch_source(data: Data, batch_size: int, device: torch.device) -> Callable
     if isinstance(data, Sequence):
         return lambda: data
     raise TypeError(
-        f"data must be a gross.data.Dataset, a sequence of (images, labels) batches or a callable "
+        f"data must be a gross.data.ImageSet (Dataset or ImageFiles), a sequence of (images, labels) batches or a callable "
         f"returning an iterable of them, got {type(data).__name__}"
     )
 
@@ -516,7 +518,7 @@ def evaluate_configs(
         A model with GroSS layers.
     configs : sequence of tuples
         Group sizes in module order (as :func:`gross.get_config` returns them).
-    data : Dataset, sequence of (images, labels), or callable
+    data : ImageSet, sequence of (images, labels), or callable
         A dataset (normalised once and cut into batches of ``batch_size`` on the model's
         device), ready batches, or a callable that returns one pass of batches.
     batch_size : int
@@ -1227,7 +1229,7 @@ def search(
     ----------
     model : nn.Module
         A trained model with GroSS layers.
-    data : Dataset, sequence of (images, labels), or callable
+    data : ImageSet, sequence of (images, labels), or callable
         The validation split (see :func:`evaluate_configs`).
     strategy : {"exhaustive", "beam", "evolution"}
         See :func:`exhaustive`, :func:`beam`, :func:`evolution`; ``options`` go to it

@@ -65,13 +65,17 @@ from .config import (
 from .data import (
     Augmentation,
     Dataset,
+    ImageSet,
+    ResizedCrop,
     Splits,
-    apply_augmentation,
-    augment,
-    draw_augmentation,
+    StreamedBatches,
+    batches,
+    center_crop,
+    epoch_order,
     load_dataset,
     normalize,
     num_batches,
+    resolve_augment,
 )
 from .model import Config, decompose, format_config, get_config, gross_layers, sample_config, search_space, set_config
 from .sampling import DEFAULT_FORM
@@ -165,11 +169,19 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def load_splits(cfg: DataConfig) -> Splits:
-    """Train, validation and test sets as :class:`gross.data.Splits` for a data configuration."""
+def load_splits(
+    cfg: DataConfig, *, cache: str | Path | None = None, progress: bool = True, log: Callable[[str], None] | None = None
+) -> Splits:
+    """Train, validation and test sets as :class:`gross.data.Splits` for a data configuration.
+
+    ``cache`` is the folder for decoded image folders when ``cfg.cache`` is ``""`` (the
+    pipeline passes the run folder's); ``log`` receives the image folder's one-line facts.
+    """
     val: int | float = cfg.val_size if cfg.val_size < 1 else int(cfg.val_size)
     splits = load_dataset(
-        cfg.dataset, val_size=val, seed=cfg.split_seed, download=cfg.download, root=cfg.root, mean=cfg.mean, std=cfg.std
+        cfg.dataset, val_size=val, seed=cfg.split_seed, download=cfg.download, root=cfg.root, mean=cfg.mean, std=cfg.std,
+        image_size=cfg.image_size, channels=cfg.channels, augment=cfg.augment, memory_gb=cfg.memory_gb,
+        cache=(cache if cfg.cache == "" else cfg.cache), workers=cfg.workers, skip_bad=cfg.skip_bad, progress=progress, log=log,
     )
     if cfg.limit:
         keep = torch.arange(min(cfg.limit, len(splits.train)))
@@ -177,9 +189,16 @@ def load_splits(cfg: DataConfig) -> Splits:
     return splits
 
 
-def augmentation_for(cfg: DataConfig) -> Augmentation | None:
-    """The training augmentation of a data configuration (``None`` when it does nothing)."""
-    if cfg.pad == 0 and not cfg.flip:
+def augmentation_for(cfg: DataConfig, shape: Sequence[int] | None = None) -> Augmentation | ResizedCrop | None:
+    """The training augmentation of a data configuration (``None`` when it does nothing).
+
+    ``shape`` (``(C, H, W)`` of the network's input, :attr:`gross.data.ImageSet.shape`) resolves
+    ``data.augment: auto``; without it ``auto`` is ``pad_crop``.
+    """
+    kind = resolve_augment(cfg.augment, shape[-2:]) if shape is not None else ("pad_crop" if cfg.augment == "auto" else cfg.augment)
+    if kind == "random_resized_crop":
+        return ResizedCrop(flip=cfg.flip)
+    if kind == "none" or (cfg.pad == 0 and not cfg.flip):
         return None
     return Augmentation(pad=cfg.pad, flip=cfg.flip)
 
@@ -187,19 +206,16 @@ def augmentation_for(cfg: DataConfig) -> Augmentation | None:
 def model_kwargs(name: str, kwargs: Mapping[str, Any], dataset: Dataset) -> dict:
     """Constructor arguments with ``num_classes``, ``in_channels`` and ``image_size`` from the data.
 
-    Only the arguments the constructor accepts are added, and given ones are kept.
+    ``name`` is a built-in name or a reference (:func:`gross.models.resolve_model`). Only the
+    arguments the constructor declares by name are added, and given ones are kept.
     """
-    import inspect
+    from .models import accepted_kwargs
 
-    from .models import MODELS
-
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; known: {sorted(MODELS)}")
-    accepted = inspect.signature(MODELS[name]).parameters
+    accepted = accepted_kwargs(name)
     derived = {
         "num_classes": len(dataset.classes),
-        "in_channels": int(dataset.images.shape[1]),
-        "image_size": int(dataset.images.shape[-1]),
+        "in_channels": int(dataset.shape[0]),
+        "image_size": int(dataset.shape[-1]),
     }
     out = dict(kwargs)
     for key, value in derived.items():
@@ -248,10 +264,10 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 def _train_batches(
-    dataset: Dataset,
+    dataset: ImageSet,
     batch_size: int,
     *,
-    augmentation: Augmentation | None,
+    augmentation: Augmentation | ResizedCrop | None,
     generator: torch.Generator,
     device: torch.device,
     channels_last: bool,
@@ -265,48 +281,47 @@ def _train_batches(
     ``data.batches(..., shuffle=True)`` and every process of a group stays in step. Yields
     ``(images, labels, global_batch_size)``. With several processes a final batch too small to
     give every process an image is skipped.
+
+    The index batches are known before any image is read, so a streamed dataset's workers decode
+    this process's share of each global batch ahead of use; the augmentation is drawn batch by
+    batch, in the same order as in memory, since it needs only the batch's size.
     """
     n = len(dataset)
-    _, _, h, w = dataset.images.shape
-    order = torch.randperm(n, generator=generator, device=generator.device).to(dataset.images.device)
+    _, h, w = dataset.stored_shape
+    order = epoch_order(n, True, generator)
+    plan: list[tuple[int, int, int, Tensor | None]] = []  # (global size, share's start, end, share's rows)
     for b in range(num_batches(n, batch_size)):
         index = order[b * batch_size : (b + 1) * batch_size]
         m = len(index)
-        if augmentation is not None:
-            offsets, flips = draw_augmentation(
-                m, h, w, pad=augmentation.pad, crop=augmentation.crop, flip=augmentation.flip, generator=generator
-            )
-        if m < world:
-            continue
         lo, hi = m * rank // world, m * (rank + 1) // world
-        x = dataset.images[index[lo:hi]].to(device, non_blocking=True)
-        y = dataset.labels[index[lo:hi]].to(device, non_blocking=True)
-        if augmentation is not None:
-            x = apply_augmentation(
-                x, offsets[lo:hi], flips[lo:hi], pad=augmentation.pad, crop=augmentation.crop,
-                padding_mode=augmentation.padding_mode,
-            )
+        plan.append((m, lo, hi, index[lo:hi] if m >= world else None))
+    images = dataset.load([rows for *_, rows in plan if rows is not None], device)
+    for m, lo, hi, rows in plan:
+        drawn = augmentation.draw(m, h, w, generator) if augmentation is not None else None
+        if rows is None:
+            continue  # too small to give every process an image (drawn all the same, as in one process)
+        x = next(images)
+        y = dataset.labels[rows.to(dataset.labels.device)].to(device, non_blocking=True)
+        x = augmentation.apply(x, tuple(t[lo:hi] for t in drawn), dataset.size) if drawn is not None else center_crop(x, dataset.size)
         yield normalize(x, dataset.mean, dataset.std, channels_last=channels_last), y, m
 
 
 def prepare_batches(
-    dataset: Dataset,
+    dataset: ImageSet,
     batch_size: int = 1000,
     device: torch.device | str | None = None,
     channels_last: bool = False,
-) -> list[tuple[Tensor, Tensor]]:
+) -> Sequence[tuple[Tensor, Tensor]]:
     """Normalised ``(images, labels)`` batches of a dataset, in order, ready to evaluate many times.
 
-    A search that scores thousands of configurations on the same split passes this list to
-    :func:`evaluate` instead of the dataset, so that the images are cut and normalised once.
+    A search that scores thousands of configurations on the same split passes these to
+    :func:`evaluate` instead of the dataset. In memory they are a list, cut and normalised once;
+    a streamed dataset gives a :class:`gross.data.StreamedBatches`, decoded again on every pass
+    (its normalised images would not fit in memory).
     """
-    device = dataset.images.device if device is None else torch.device(device)
-    out = []
-    for start in range(0, len(dataset), batch_size):
-        x = dataset.images[start : start + batch_size].to(device)
-        y = dataset.labels[start : start + batch_size].to(device)
-        out.append((normalize(x, dataset.mean, dataset.std, channels_last=channels_last), y))
-    return out
+    if not dataset.in_memory:
+        return StreamedBatches(dataset, batch_size, device, channels_last)
+    return list(batches(dataset, batch_size, device=device, channels_last=channels_last))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,13 +362,13 @@ def _eval_sums(
 
 
 def calibration_batches(
-    dataset: Dataset,
+    dataset: ImageSet,
     count: int,
     seed: int = 0,
     batch_size: int = 1000,
     device: torch.device | str | None = None,
     channels_last: bool = False,
-    augmentation: Augmentation | None = None,
+    augmentation: Augmentation | ResizedCrop | None = None,
 ) -> list[Tensor]:
     """``count`` images drawn from ``dataset`` with ``seed``, augmented as in training, normalised.
 
@@ -371,16 +386,20 @@ def calibration_batches(
         raise ValueError(f"cannot draw {count} calibration images from {len(dataset)}")
     generator = torch.Generator().manual_seed(seed)
     chosen = dataset.subset(torch.randperm(len(dataset), generator=generator)[:count])
+    # A few hundred images: read at once (decoded, when streamed) and augmented as one batch.
+    (images,) = chosen.load([torch.arange(count)])
+    _, h, w = chosen.stored_shape
     if augmentation is not None:
-        a = augmentation
-        images = augment(chosen.images, pad=a.pad, crop=a.crop, flip=a.flip, padding_mode=a.padding_mode, generator=generator)
-        chosen = replace(chosen, images=images)
+        images = augmentation.apply(images, augmentation.draw(count, h, w, generator), chosen.size)
+    else:
+        images = center_crop(images, chosen.size)
+    chosen = Dataset(images.contiguous(), chosen.labels.to(images.device), chosen.classes, chosen.mean, chosen.std)
     return [x for x, _ in prepare_batches(chosen, batch_size, device, channels_last)]
 
 
 def evaluate(
     model: nn.Module,
-    data: Dataset | Sequence[tuple[Tensor, Tensor]],
+    data: ImageSet | Sequence[tuple[Tensor, Tensor]],
     config: Config | None = None,
     *,
     batch_size: int = 1000,
@@ -406,7 +425,7 @@ def evaluate(
     channels_last : bool, optional
         Memory format of a dataset's batches; default that of the model's conv weights.
     """
-    if isinstance(data, Dataset):
+    if isinstance(data, ImageSet):
         if len(data) == 0:
             raise ValueError("cannot evaluate on an empty dataset")
         device = _model_device(model) if device is None else torch.device(device)
@@ -426,7 +445,7 @@ def evaluate(
 
 
 def _evaluate_shared(
-    model: nn.Module, dataset: Dataset, config: Config | None, batch_size: int, device: torch.device, channels_last: bool
+    model: nn.Module, dataset: ImageSet, config: Config | None, batch_size: int, device: torch.device, channels_last: bool
 ) -> dict[str, float]:
     """:func:`evaluate` with the images split over the processes of a group, results summed."""
     rank, world = _world()
@@ -532,7 +551,7 @@ def _fit(
     out_dir: Path | None,
     resume: bool,
     progress: bool,
-    augmentation: Augmentation | None,
+    augmentation: Augmentation | ResizedCrop | None,
     channels_last: bool,
     eval_batch_size: int,
     arch: Mapping[str, Any] | None,
@@ -708,7 +727,7 @@ def train_base(
     out_dir: str | Path | None = None,
     resume: bool = False,
     progress: bool = False,
-    augmentation: Augmentation | None = DEFAULT_AUGMENTATION,
+    augmentation: Augmentation | ResizedCrop | None = DEFAULT_AUGMENTATION,
     channels_last: bool = True,
     eval_batch_size: int = 1000,
     arch: Mapping[str, Any] | None = None,
@@ -731,8 +750,8 @@ def train_base(
         Continue from ``out_dir/checkpoint.safetensors`` when it exists.
     progress : bool
         Show progress bars (epochs, and batches within an epoch).
-    augmentation : Augmentation or None
-        Batched random crop and flip of the training images.
+    augmentation : Augmentation, ResizedCrop or None
+        Batched random crop (padded, or resized) and flip of the training images.
     channels_last : bool
         Convert the model and the batches to channels-last memory format (about 1.5x faster
         convolutions on CPU, see benchmarks/epoch_time.py).
