@@ -88,12 +88,17 @@ def test_nested_series_reproduces_each_chained_fit(penalty):
 
 
 def test_decomposition_is_the_bottleneck():
-    layer = GroSSConv2d.from_conv(make_conv(CONVS["plain"]), max_iter=20)
+    # What the layer runs at a size, written out with F.conv2d from the decomposition it reports.
+    conv = make_conv(CONVS["stride2"])
+    layer = GroSSConv2d.from_conv(conv, max_iter=20)
+    x = torch.randn(2, 8, 9, 8, dtype=D64)
     for s in layer.group_sizes:
         fit = layer.decomposition(s)
-        for a, b in zip(fit[:3], layer.factors(s)):
-            assert torch.equal(a, b) and not a.requires_grad
-        torch.testing.assert_close(btd_to_weight(fit), layer.dense_weight(s).detach())
+        assert fit.core.shape == (8, s, 3, 3) and not any(t.requires_grad for t in fit[:3])
+        layer.group_size = s
+        out = layer(x).detach()
+        torch.testing.assert_close(bottleneck_ref(x, fit, conv), out, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(dense_ref(x, btd_to_weight(fit), conv), out, rtol=1e-10, atol=1e-10)
 
 
 def test_series_terms_are_aligned_fits():
