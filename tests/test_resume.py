@@ -38,6 +38,37 @@ def command(tmp: Path, name: str, *extra: str) -> list[str]:
     ]
 
 
+# Runs the CLI with two hooks: once the first epoch's checkpoint is written, the run trains one
+# batch of the next epoch and stops itself (SIGSTOP), for the test to SIGKILL it there. The kill
+# lands at the same step whatever the machine's load: no timer decides it.
+STOP_IN_THE_SECOND_EPOCH = """
+import os, runpy, signal, sys
+import gross.train as train
+
+saved = []
+save_training_state = train.save_training_state
+train_batches = train._train_batches
+
+
+def save_and_mark(*args, **kwargs):
+    save_training_state(*args, **kwargs)
+    saved.append(True)
+
+
+def stop_after_one_batch(*args, **kwargs):
+    for i, batch in enumerate(train_batches(*args, **kwargs)):
+        if saved and i == 1:
+            os.kill(os.getpid(), signal.SIGSTOP)
+        yield batch
+
+
+train.save_training_state = save_and_mark
+train._train_batches = stop_after_one_batch
+sys.argv[0] = "gross"
+runpy.run_module("gross.cli", run_name="__main__", alter_sys=True)
+"""
+
+
 def environment() -> dict:
     path = os.pathsep.join(p for p in (str(SRC), os.environ.get("PYTHONPATH", "")) if p)
     return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
@@ -50,19 +81,25 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights(tmp_path):
     assert full.returncode == 0, full.stderr
 
     base = tmp_path / "killed" / "base"
-    proc = subprocess.Popen(command(tmp_path, "killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    (tmp_path / "stop.py").write_text(STOP_IN_THE_SECOND_EPOCH)
+    stopping = [sys.executable, str(tmp_path / "stop.py"), *command(tmp_path, "killed")[3:]]
+    proc = subprocess.Popen(stopping, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
-    while not (base / "checkpoint.safetensors").exists():
-        assert proc.poll() is None, proc.stderr.read().decode()
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
+    while True:  # wait for the run to stop itself; the step it stops at does not depend on this loop
+        pid, status = os.waitpid(proc.pid, os.WUNTRACED | os.WNOHANG)
+        if pid:
+            break
+        assert time.monotonic() < deadline, "the run did not stop within 120 s"
+        time.sleep(0.05)
+    assert os.WIFSTOPPED(status), f"the run ended before it stopped: {proc.stderr.read().decode()}"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     proc.stderr.close()
     assert proc.returncode == -signal.SIGKILL
-    assert not (base / "model.safetensors").exists(), "the run finished before it was killed"
+    assert not (base / "model.safetensors").exists()
     epoch = ckpt.read_meta(base / "checkpoint.safetensors")["epoch"]
-    assert 1 <= epoch < 8
+    assert epoch == 1  # killed one batch into the second epoch
+    assert [json.loads(line)["epoch"] for line in (base / "metrics.jsonl").read_text().splitlines()] == [1]
 
     again = subprocess.run(command(tmp_path, "killed"), env=env, capture_output=True, text=True, timeout=120)
     # No silent restart over an interrupted run: the user chooses.

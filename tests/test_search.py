@@ -5,7 +5,6 @@ import logging
 import math
 import pickle
 import random
-import socket
 
 import pytest
 import torch
@@ -676,9 +675,10 @@ def test_search_rejects_unknown_strategy():
         S.search(small_paper_net(), synthetic_batches(), strategy="random", progress=False)
 
 
-def _distributed_worker(rank, world, port, out):
+def _distributed_worker(rank, world, out):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # A file rendezvous: no port to choose, free now and taken by someone else by the time it is bound.
+    dist.init_process_group("gloo", init_method=f"file://{out / 'rendezvous'}", rank=rank, world_size=world)
     scored = []
     evaluate = S.ConfigEvaluator._evaluate
 
@@ -698,10 +698,7 @@ def _distributed_worker(rank, world, port, out):
 
 
 def test_distributed_search_equals_single_process(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_distributed_worker, args=(2, port, tmp_path), nprocs=2)
+    mp.spawn(_distributed_worker, args=(2, tmp_path), nprocs=2)
     single = S.search(
         small_paper_net(), synthetic_batches(), strategy="beam", budget="uniform:4", chunk_size=8, progress=False
     )
