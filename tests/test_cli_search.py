@@ -90,6 +90,11 @@ def test_search_export_report_write_their_files(run, capsys):
         assert torch.allclose(plain(x), model(x), atol=1e-5, rtol=1e-4)
     assert not any(hasattr(m, "group_sizes") for m in plain.modules())
     assert summary["macs"]["exported"] < summary["macs"]["original"]
+    # Beside it, a program that torch alone reloads, with the same outputs; net.json says where the architecture comes from.
+    assert summary["pt2"]["checked"] and "net.pt2" in summary["files"] and "net.pt2 checked" in out
+    with torch.no_grad():
+        torch.testing.assert_close(torch.export.load(export / "net.pt2").module()(x), model(x))
+    assert summary["arch"] == {"name": "paper", "kwargs": json.loads((export / "net.json").read_text())["arch"]["kwargs"], "source": "built-in"}
 
     assert main(["report", *args]) == 0
     capsys.readouterr()

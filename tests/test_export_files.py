@@ -2,6 +2,9 @@
 
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,7 +12,7 @@ import torch
 from torch import nn
 
 import gross
-from gross.export import export, export_onnx, load, save
+from gross.export import export, export_onnx, export_program, load, save
 from gross.latency import DENSE, LatencyTable
 from gross.models import PaperNet, resnet20
 
@@ -148,8 +151,6 @@ def test_save_exports_a_gross_model(paper, tmp_path):
 def test_save_needs_a_matching_architecture(paper, tmp_path):
     _, model = paper
     exported = export(model)
-    with pytest.raises(ValueError, match="arch"):
-        save(exported, tmp_path)
     with pytest.raises(ValueError):
         save(exported, tmp_path, arch="paper")  # default widths: another state dict
     with pytest.raises(ValueError):
@@ -159,6 +160,93 @@ def test_save_needs_a_matching_architecture(paper, tmp_path):
     with pytest.raises(ValueError):
         save(PaperNet(), tmp_path, arch="paper")
     assert not (tmp_path / "net.json").exists()
+
+
+def test_a_network_given_in_python_loads_into_a_fresh_one(paper, tmp_path):
+    # No name rebuilds it: net.json records its class, and load takes a freshly built one.
+    original, model = paper
+    x = torch.randn(2, *SHAPE)
+    config = (2, 4, 16)
+    save(model, tmp_path, config=config, original=original)
+    header = json.loads((tmp_path / "net.json").read_text())
+    assert header["arch"] == {"name": "python:gross.models.PaperNet", "kwargs": {}, "source": "python"}
+    with pytest.raises(ValueError, match=r"given in Python.*gross.load\(path, model=PaperNet\(...\)\)"):
+        load(tmp_path)
+    with pytest.raises(ValueError, match="was a gross.models.PaperNet, but model= is a gross.models.CifarResNet"):
+        load(tmp_path, model=resnet20())
+    loaded = load(tmp_path, model=PaperNet(widths=WIDTHS))
+    gross.set_config(model, config)
+    torch.testing.assert_close(loaded(x), model(x))
+    torch.testing.assert_close(loaded(x), export(model, config)(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="does not fit the base architecture"):  # checked against `original` before writing
+        save(model, tmp_path / "other", config=config, original=PaperNet())
+
+
+def test_an_import_reference_is_rebuilt_by_name(paper, tmp_path):
+    _, model = paper
+    x = torch.randn(2, *SHAPE)
+    save(model, tmp_path, arch={"name": "gross.models:PaperNet", "kwargs": {"widths": WIDTHS}}, config=(1, 2, 4))
+    assert json.loads((tmp_path / "net.json").read_text())["arch"]["source"] == "import"
+    torch.testing.assert_close(load(tmp_path)(x), export(model, (1, 2, 4))(x), rtol=0, atol=0)
+    header = json.loads((tmp_path / "net.json").read_text())
+    header["arch"]["name"] = "no_such_package.nets:PaperNet"
+    (tmp_path / "net.json").write_text(json.dumps(header))
+    with pytest.raises(ValueError, match="cannot rebuild the architecture 'no_such_package.nets:PaperNet'.*pass model="):
+        load(tmp_path)
+    torch.testing.assert_close(load(tmp_path, model=PaperNet(widths=WIDTHS))(x), export(model, (1, 2, 4))(x), rtol=0, atol=0)
+
+
+USER_NET = Path(__file__).resolve().parent / "user_model" / "mynet.py"  # BatchNorm, a residual block, stride, dilation
+
+# Run in a fresh interpreter that cannot import the user's file (isolated: no script folder or
+# PYTHONPATH on sys.path): torch alone runs the program, and neither gross nor mynet gets imported.
+RUN_PROGRAM = """
+import sys, torch
+program = torch.export.load(sys.argv[1]).module()
+torch.save(program(torch.load(sys.argv[2])), sys.argv[3])
+assert not [m for m in sys.modules if m.split(".")[0] in ("gross", "mynet", "blocks")], "imported gross or the user's code"
+"""
+
+
+def test_a_network_from_a_user_file_reloads_through_gross_load_and_torch_export(tmp_path):
+    reference = f"{USER_NET}:MyNet"
+    torch.manual_seed(0)
+    model = perturbed(gross.decompose(gross.models.build_model(reference, width=8).eval(), max_iter=2))
+    config = gross.sample_config(model, 0.0, torch.Generator().manual_seed(1))
+    save(model, tmp_path, arch={"name": reference, "kwargs": {"width": 8}}, config=config)
+    assert json.loads((tmp_path / "net.json").read_text())["arch"] == {"name": reference, "kwargs": {"width": 8}, "source": "import"}
+    x = torch.randn(3, 3, 12, 10)  # not square, and another batch size than traced
+    gross.set_config(model, config)
+    reference_out = model(x)
+    loaded = load(tmp_path)
+    torch.testing.assert_close(loaded(x), reference_out)
+    export_program(loaded, tmp_path / "net.pt2", (3, 12, 10))
+    torch.save(x, tmp_path / "x.pt")
+    subprocess.run([sys.executable, "-I", "-c", RUN_PROGRAM, "net.pt2", "x.pt", "y.pt"], cwd=tmp_path, check=True)
+    torch.testing.assert_close(torch.load(tmp_path / "y.pt"), reference_out)
+
+
+class DataDependent(nn.Module):
+    """A branch on the values of its input: torch.export cannot trace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y if y.sum() > 0 else -y
+
+
+def test_a_network_torch_export_cannot_trace_is_one_note(tmp_path):
+    from gross.pipeline import _program_check
+
+    x = torch.randn(2, *SHAPE)
+    info = _program_check(DataDependent(), tmp_path / "net.pt2", x)
+    assert not info["written"] and not (tmp_path / "net.pt2").exists()
+    assert info["note"].startswith("net.pt2 skipped: torch.export could not trace the network (") and "\n" not in info["note"]
+    info = _program_check(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), tmp_path / "net.pt2", x)
+    assert info["checked"] and info["max_abs_diff"] <= 1e-6
 
 
 def corrupt_cases():

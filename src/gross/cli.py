@@ -129,8 +129,9 @@ def format_export(ctx: Context, summary: dict, folder: str = EXPORT_DIR) -> str:
             _text_table(["", "original", "exported", ""], lines, left={0, 3})]
     files = ", ".join(f for f in summary["files"] if f != "summary.json")
     text.append(f"files: {out}/{{{files}}}")
-    if summary["onnx"].get("note"):
-        text.append(summary["onnx"]["note"])
+    for part in ("pt2", "onnx"):  # pt2: absent from exports made before it
+        if summary.get(part, {}).get("note"):
+            text.append(summary[part]["note"])
     if summary.get("fuse_times"):
         text.append(f"fuse auto, by the latency table ({describe_setup(setup)}):")
         for name, t in summary["fuse_times"].items():

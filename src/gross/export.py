@@ -1,4 +1,4 @@
-"""Export a GroSS model at one configuration as a plain network; save, load and ONNX.
+"""Export a GroSS model at one configuration as a plain network; save, load, ONNX and torch.export.
 
 :func:`export` replaces every GroSS layer by standard ``nn.Conv2d`` layers: its bottleneck at the
 chosen group size (three convs), or one dense conv. A bottleneck has no nonlinearity inside, so
@@ -7,10 +7,17 @@ has more MACs than a small bottleneck but can be faster (see :mod:`gross.latency
 fuses where asked or where a latency table says so. A configuration entry may also be
 ``"dense"`` (or ``0``): the original convolution, taken from the undecomposed model when given.
 
-:func:`save` writes ``net.safetensors`` (the state dict) and ``net.json`` (the base architecture
-as a name from :data:`gross.models.MODELS` with its keyword arguments, and the convs that replace
-each decomposed layer); :func:`load` rebuilds the network from those two files with standard
-layers only, without ``gross`` layers and without unpickling anything.
+:func:`save` writes ``net.safetensors`` (the state dict) and ``net.json`` (where the base
+architecture comes from, and the convs that replace each decomposed layer); :func:`load` rebuilds
+the network from those two files with standard layers only, without ``gross`` layers and without
+unpickling anything. The architecture is a built-in name of :data:`gross.models.MODELS`, an import
+reference (``package.module:callable`` or ``/abs/path/file.py:callable``, see
+:func:`gross.models.resolve_model`) with its keyword arguments, both rebuilt by
+:func:`gross.models.build_model`, or a network given in Python (``python:module.QualName``), into a
+fresh instance of which :func:`load` must be handed the weights.
+
+:func:`export_program` writes the same network as a ``torch.export`` program (``net.pt2``) that
+``torch.export.load(path).module()`` runs without ``gross`` or the network's own code.
 """
 
 from __future__ import annotations
@@ -26,15 +33,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .checkpoint import PYTHON_PREFIX, python_arch_name
 from .latency import DENSE, Choice, LatencyTable, normalize_choice
 from .model import Config, _replace, gross_layers
-from .models import MODELS, build_model
+from .models import MODELS, build_model, canonical_name
 from .runtime import onnx_program
 from .series import GroSSConv2d
 
-__all__ = ["export", "save", "load", "export_onnx", "ARCH_ATTR", "EXPORT_ATTR"]
+__all__ = ["export", "save", "load", "export_onnx", "export_program", "ARCH_ATTR", "EXPORT_ATTR"]
 
-ARCH_ATTR = "gross_arch"  # optional model attribute {"name": key of MODELS, "kwargs": {...}}
+ARCH_ATTR = "gross_arch"  # optional model attribute {"name": model name or reference, "kwargs": {...}}
 EXPORT_ATTR = "gross_export"  # set by export(): {layer name: {"choice": size or "dense", "fused": bool}}
 
 Fuse = Union[bool, Literal["auto"], Collection[str]]
@@ -201,18 +209,28 @@ def _layer_entry(name: str, module: nn.Module, info: Mapping) -> dict:
     }
 
 
+def _arch_source(name: str) -> str:
+    """Where an architecture comes from, for readers of net.json: built-in, import or python."""
+    return "built-in" if name in MODELS else "python" if name.startswith(PYTHON_PREFIX) else "import"
+
+
 def _arch(model: nn.Module, arch: str | Mapping | None) -> dict:
+    """The record of the base architecture: ``{"name", "kwargs", "source"}``, JSON-ready.
+
+    Without ``arch`` or ``model.gross_arch`` the network was given in Python: its class is
+    recorded (``python:module.QualName``), and :func:`load` needs a fresh instance of it.
+    """
     arch = getattr(model, ARCH_ATTR, None) if arch is None else arch
     if arch is None:
-        raise ValueError(
-            f"save needs the base architecture: pass arch= a name of gross.models.MODELS {sorted(MODELS)} "
-            f"(or {{'name': ..., 'kwargs': {{...}}}}), or set model.{ARCH_ATTR}"
-        )
+        arch = python_arch_name(model)
     if isinstance(arch, str):
         arch = {"name": arch, "kwargs": {}}
-    if not isinstance(arch, Mapping) or set(arch) - {"name", "kwargs"} or "name" not in arch:
+    if not isinstance(arch, Mapping) or set(arch) - {"name", "kwargs", "source"} or not isinstance(arch.get("name"), str):
         raise ValueError(f"arch must be a model name or {{'name': ..., 'kwargs': {{...}}}}, got {arch!r}")
-    out = {"name": arch["name"], "kwargs": dict(arch.get("kwargs") or {})}
+    name = arch["name"]
+    # A file reference is made absolute, so that the export loads from any folder.
+    name = name if name.startswith(PYTHON_PREFIX) else canonical_name(name)
+    out = {"name": name, "kwargs": dict(arch.get("kwargs") or {}), "source": _arch_source(name)}
     try:
         # Round-trip through JSON now so that load sees exactly what was checked here (tuples -> lists).
         return json.loads(json.dumps(out))
@@ -220,14 +238,36 @@ def _arch(model: nn.Module, arch: str | Mapping | None) -> dict:
         raise ValueError(f"the architecture's keyword arguments must be JSON values: {e}") from None
 
 
-def _rebuild(arch: Mapping, layers: Sequence[Mapping], dtype: torch.dtype) -> nn.Module:
-    """The base architecture with each named conv replaced per ``layers``; ValueError on any mismatch."""
-    if not isinstance(arch, Mapping) or arch.get("name") not in MODELS or not isinstance(arch.get("kwargs"), Mapping):
-        raise ValueError(f"unknown architecture {arch!r}; known model names: {sorted(MODELS)}")
+def _base(arch: Mapping, template: nn.Module | None) -> nn.Module:
+    """A fresh base network: a copy of ``template`` when given, else rebuilt from the record's name."""
+    if not isinstance(arch, Mapping) or not isinstance(arch.get("name"), str) or not isinstance(arch.get("kwargs"), Mapping):
+        raise ValueError(f"malformed architecture record {arch!r}; expected {{'name': ..., 'kwargs': {{...}}}}")
+    name = arch["name"]
+    if name.startswith(PYTHON_PREFIX):
+        cls = name[len(PYTHON_PREFIX):]
+        if template is None:
+            raise ValueError(
+                f"the network ({cls}) was given in Python, so no name rebuilds it: pass a freshly built one, "
+                f"gross.load(path, model={cls.rpartition('.')[2]}(...))"
+            )
+        if python_arch_name(template) != name:
+            raise ValueError(f"the network was a {cls}, but model= is a {python_arch_name(template)[len(PYTHON_PREFIX):]}")
+    if template is not None:
+        if gross_layers(template):
+            raise ValueError("model= must be the base network as built, without GroSS layers")
+        return copy.deepcopy(template)
     try:
-        model = build_model(arch["name"], **arch["kwargs"])
+        return build_model(name, **arch["kwargs"])
     except (TypeError, ValueError) as e:
-        raise ValueError(f"cannot build {arch['name']!r} with {dict(arch['kwargs'])}: {e}") from None
+        raise ValueError(
+            f"cannot rebuild the architecture {name!r} with {dict(arch['kwargs'])}: {e}; "
+            f"make it importable, or pass model= a freshly built base network"
+        ) from None
+
+
+def _rebuild(arch: Mapping, layers: Sequence[Mapping], dtype: torch.dtype, template: nn.Module | None = None) -> nn.Module:
+    """The base architecture with each named conv replaced per ``layers``; ValueError on any mismatch."""
+    model = _base(arch, template)
     for entry in layers:
         try:
             name, specs = entry["name"], entry["convs"]
@@ -303,9 +343,14 @@ def save(
     folder : path
         Created if missing; existing files of the same names are replaced.
     arch : str or dict, optional
-        The base architecture: a key of :data:`gross.models.MODELS`, or
-        ``{"name": ..., "kwargs": {...}}`` with its constructor's keyword arguments (JSON values).
-        Default: the model's ``gross_arch`` attribute.
+        The base architecture: a name :func:`gross.models.build_model` takes (a key of
+        :data:`gross.models.MODELS`, ``package.module:callable`` or ``path/to/file.py:callable``,
+        made absolute), or ``{"name": ..., "kwargs": {...}}`` with its constructor's keyword
+        arguments (JSON values). Default: the model's ``gross_arch`` attribute, else the network
+        counts as given in Python: its class is recorded and :func:`load` needs a fresh one.
+    config, fuse, latency, original
+        See :func:`export`. ``original``, the base network, also checks the record of a network
+        given in Python (which nothing else rebuilds here).
 
     Returns
     -------
@@ -315,9 +360,9 @@ def save(
     Raises
     ------
     ValueError
-        When the architecture is unknown or does not rebuild into a network with exactly this
-        state dict (checked before anything is written), or when export options are passed for
-        a model that is already exported.
+        When the architecture cannot be imported or does not rebuild into a network with exactly
+        this state dict (checked before anything is written), or when export options are passed
+        for a model that is already exported.
     """
     if gross_layers(model):
         exported = export(model, config, fuse=fuse, latency=latency, original=original)
@@ -332,12 +377,16 @@ def save(
     layers = [_layer_entry(name, exported.get_submodule(name), info) for name, info in record.items()]
     dtype = _dtype_name(exported)
     state = {k: v.detach().to("cpu").contiguous() for k, v in exported.state_dict().items()}
-    rebuilt = _rebuild(arch_dict, layers, _DTYPES[dtype]).state_dict()
-    mismatch = sorted(
-        k for k in set(state) | set(rebuilt) if k not in state or k not in rebuilt or state[k].shape != rebuilt[k].shape
-    )
-    if mismatch:
-        raise ValueError(f"architecture {arch_dict} does not rebuild this network; differing entries: {mismatch[:10]}")
+    python = arch_dict["source"] == "python"
+    # A network given in Python is rebuilt only from a fresh instance: checked here against
+    # `original` when given, else when it is loaded.
+    if not python or original is not None:
+        rebuilt = _rebuild(arch_dict, layers, _DTYPES[dtype], original if python else None).state_dict()
+        mismatch = sorted(
+            k for k in set(state) | set(rebuilt) if k not in state or k not in rebuilt or state[k].shape != rebuilt[k].shape
+        )
+        if mismatch:
+            raise ValueError(f"architecture {arch_dict} does not rebuild this network; differing entries: {mismatch[:10]}")
     header = {
         "format": _FORMAT,
         "version": _VERSION,
@@ -354,19 +403,31 @@ def save(
     return folder
 
 
-def load(folder: str | os.PathLike) -> nn.Module:
+def load(folder: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
     """Rebuild a network written by :func:`save`, with standard torch layers only, in eval mode.
 
-    Builds the base architecture from ``gross.models``, replaces each recorded conv by its plain
-    ``nn.Conv2d`` / ``nn.Sequential``, and loads ``net.safetensors`` strictly. The result carries
-    ``gross_arch`` and ``gross_export`` so that it can be saved again.
+    Builds the base architecture (:func:`gross.models.build_model` on the recorded name, which
+    imports the user's module or file), or copies ``model``; replaces each recorded conv by its
+    plain ``nn.Conv2d`` / ``nn.Sequential``, and loads ``net.safetensors`` strictly. The result
+    carries ``gross_arch`` and ``gross_export`` so that it can be saved again.
+
+    Parameters
+    ----------
+    folder : path
+        Holding ``net.json`` and ``net.safetensors``.
+    model : nn.Module, optional
+        A freshly built base network (its weights are not used; it is copied, not changed).
+        Needed for a network given in Python (``net.json``'s ``arch.source`` is ``python``),
+        which must be of the recorded class; elsewhere it stands in for a name that cannot be
+        imported here.
 
     Raises
     ------
     FileNotFoundError
         When ``net.json`` or ``net.safetensors`` is missing.
     ValueError
-        When ``net.json`` is malformed, ``net.safetensors`` unreadable, or the two disagree.
+        When ``net.json`` is malformed, its architecture cannot be imported or needs ``model``,
+        ``net.safetensors`` is unreadable, or the two disagree.
     """
     folder = Path(folder)
     try:
@@ -379,7 +440,10 @@ def load(folder: str | os.PathLike) -> nn.Module:
         raise ValueError(f"unsupported export version {header.get('version')!r}, expected {_VERSION}")
     if header.get("dtype") not in _DTYPES or not isinstance(header.get("layers"), list):
         raise ValueError(f"{folder / 'net.json'} needs a dtype in {sorted(_DTYPES)} and a list of layers")
-    model = _rebuild(header.get("arch"), header["layers"], _DTYPES[header["dtype"]])
+    try:
+        model = _rebuild(header.get("arch"), header["layers"], _DTYPES[header["dtype"]], model)
+    except ValueError as e:
+        raise ValueError(f"{folder / 'net.json'}: {e}") from None
     try:
         state = load_file(str(folder / "net.safetensors"))
     except SafetensorError as e:
@@ -427,22 +491,70 @@ def export_onnx(
     dynamic_batch : bool
         Leave the batch dimension free; otherwise it is fixed to ``N`` (default 1).
     """
-    if gross_layers(exported):
-        raise ValueError("export_onnx takes a plain network: call gross.export(model, config) first")
     if opset < 17:
         raise ValueError(f"opset must be 17 or later, got {opset}")
+    example = _example_input("export_onnx", exported, input_shape, dynamic_batch)
+    program = onnx_program(exported, (example,), opset=opset, dynamic_batch=dynamic_batch)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    program.save(str(path), external_data=False)
+    return path
+
+
+def _example_input(what: str, exported: nn.Module, input_shape: Sequence[int], dynamic_batch: bool) -> torch.Tensor:
+    """A random input of ``input_shape`` on the network's device and dtype, to trace it with.
+
+    Returns
+    -------
+    Tensor, shape (N, C, H, W)
+        ``N`` is 1 for a ``(C, H, W)`` shape, and at least 2 with ``dynamic_batch``:
+        torch.export specialises a size-1 dimension to a constant.
+    """
+    if gross_layers(exported):
+        raise ValueError(f"{what} takes a plain network: call gross.export(model, config) first")
     shape = tuple(int(d) for d in input_shape)
     if len(shape) == 3:
         shape = (1,) + shape
     if len(shape) != 4 or min(shape) < 1:
         raise ValueError(f"input_shape must be (C, H, W) or (N, C, H, W), got {tuple(input_shape)}")
     if dynamic_batch and shape[0] == 1:
-        # torch.export specialises a size-1 dimension to a constant, so trace a free batch at 2.
         shape = (2,) + shape[1:]
     param = next(exported.parameters(), None)
     factory = {"device": param.device, "dtype": param.dtype} if param is not None else {}
-    program = onnx_program(exported, (torch.randn(shape, **factory),), opset=opset, dynamic_batch=dynamic_batch)
+    return torch.randn(shape, **factory)
+
+
+def export_program(
+    exported: nn.Module, path: str | os.PathLike, input_shape: Sequence[int], *, dynamic_batch: bool = True
+) -> Path:
+    """Write an exported (plain) network as a ``torch.export`` program (``.pt2``), traced in eval mode.
+
+    ``torch.export.load(path).module()`` runs it with torch alone: neither ``gross`` nor the
+    network's own code is imported, and nothing is unpickled but tensors. Weights are stored
+    inside the file, on the network's device.
+
+    Parameters
+    ----------
+    exported : nn.Module
+        The result of :func:`export` or :func:`load` (no GroSS layers); copied, not changed.
+    path : path
+        The ``.pt2`` file to write.
+    input_shape : (C, H, W) or (N, C, H, W)
+        One sample's shape (or a batch's).
+    dynamic_batch : bool
+        Leave the batch dimension free; otherwise it is fixed to ``N`` (default 1).
+
+    Raises
+    ------
+    Exception
+        Whatever ``torch.export.export`` raises where it cannot trace the network (data-dependent
+        control flow, unsupported operations, ...).
+    """
+    example = _example_input("export_program", exported, input_shape, dynamic_batch)
+    net = copy.deepcopy(exported).eval()
+    dynamic = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
+    program = torch.export.export(net, (example,), dynamic_shapes=dynamic)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    program.save(str(path), external_data=False)
+    torch.export.save(program, str(path))
     return path

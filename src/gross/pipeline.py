@@ -20,7 +20,7 @@ or one stage at a time on a :class:`Context` (``pipeline.context(cfg)``). The ru
     search/       results.csv best.json uniform.csv source.json gross search
     latency/      table.json                                    gross latency (or export --fuse auto), on latency.runtime
     latency/search/  latency/export/                            gross latency: the choice by measured latency
-    export/       net.safetensors net.json net.onnx summary.json  gross export
+    export/       net.safetensors net.json net.pt2 net.onnx summary.json  gross export
     report.md     pareto.png front_group_sizes.png [latency.png]  gross report
     fixed/2-32-64/{decompose,reconstruct,gross}/                gross fixed --config 2,32,64
 
@@ -70,7 +70,7 @@ from .btd import conditioning
 from .checkpoint import CheckpointError, atomic_write, describe_arch, load_model, make_arch, python_arch_name, read_meta, save_model
 from .config import Config, ConfigError, config_to_dict, dump_config
 from .data import DataError, Splits
-from .export import export_onnx
+from .export import export_onnx, export_program
 from .export import load as load_export
 from .export import save as save_export
 from .latency import DENSE, LatencyTable, compare_latency, describe_setup, latency_setup, latency_table
@@ -985,6 +985,28 @@ def _installed(module: str) -> bool:
         return False
 
 
+def _program_check(exported: torch.nn.Module, path: Path, x: torch.Tensor) -> dict:
+    """Write net.pt2 (torch.export) and compare the reloaded program's outputs with torch's.
+
+    The program is traced on the CPU, so that it loads on any machine; a network torch.export
+    cannot trace is one note, and the rest of the export stands.
+    """
+    exported = copy.deepcopy(exported).to("cpu").eval()
+    x = x.detach().to("cpu")
+    try:
+        export_program(exported, path, tuple(x.shape[1:]))
+    except Exception as err:  # torch.export raises many kinds
+        path.unlink(missing_ok=True)
+        return {"written": False, "note": f"net.pt2 skipped: torch.export could not trace the network ({type(err).__name__}: {one_line(err)[:200]})"}
+    program = torch.export.load(str(path)).module()
+    with torch.inference_mode():
+        diff, tol = _max_diff(program(x), exported(x))
+    if not diff <= tol:
+        raise StageError(f"net.pt2 gives outputs up to {diff:.3g} away from the exported network's (tolerance {tol:.3g}); this is a bug in gross.export")
+    return {"written": True, "file": path.name, "checked": True, "max_abs_diff": diff,
+            "note": f"net.pt2 checked: torch.export.load(path).module() runs it without gross or the network's code, max |diff| {diff:.2g}"}
+
+
 def _onnx_check(exported: torch.nn.Module, path: Path, x: torch.Tensor, opset: int) -> dict:
     """Write net.onnx and compare onnxruntime's output with torch's; skipped without the extras."""
     missing = [m for m in ("onnx", "onnxscript") if not _installed(m)]
@@ -1062,7 +1084,9 @@ def _export_into(ctx: Context, tmp: Path, model: torch.nn.Module, arch: dict, ba
     names = [name for name, _ in gross_layers(model)]
     save_export(model, tmp, arch={"name": arch["model"], "kwargs": arch["kwargs"]}, config=chosen,
                 fuse={"auto": "auto", "none": False, "all": True, "search": dense}[fuse], latency=table, original=base)
-    exported = load_export(tmp).to(ctx.device)
+    recorded = json.loads((tmp / "net.json").read_text())["arch"]  # where the architecture comes from
+    # Reloaded as a user will: by its name, or into a fresh base network where it was given in Python.
+    exported = load_export(tmp, model=copy.deepcopy(base) if recorded["source"] == "python" else None).to(ctx.device)
     record = {name: info for name, info in getattr(exported, "gross_export").items()}
     fused = [name for name, info in record.items() if info["fused"]]
     # Why each layer was fused or not: the table's times (fuse auto).
@@ -1092,6 +1116,7 @@ def _export_into(ctx: Context, tmp: Path, model: torch.nn.Module, arch: dict, ba
     ctx.log(f"[export] timing the original and the exported network with {describe_setup(setup)}")
     ms = compare_latency({"original": base, "exported": exported}, shape, **_timing(ctx))
     onnx_info = _onnx_check(exported, tmp / "net.onnx", x, cfg.opset) if cfg.onnx else {"written": False, "note": "net.onnx not written (export.onnx: false)"}
+    program_info = _program_check(exported, tmp / "net.pt2", x)
     summary = {
         "config": list(chosen),
         "layers": names,
@@ -1108,6 +1133,8 @@ def _export_into(ctx: Context, tmp: Path, model: torch.nn.Module, arch: dict, ba
         "latency_setup": {**setup, "repeats": ctx.cfg.latency.repeats},
         **check,
         "onnx": onnx_info,
+        "pt2": program_info,
+        "arch": recorded,
         "files": sorted(p.name for p in tmp.iterdir()) + ["summary.json"],
     }
     _write_json(tmp / "summary.json", summary)
