@@ -157,8 +157,8 @@ def main() -> None:
         print(f"{k:32s} {per_epoch[k]:15.2f} {best_plain / per_epoch[k]:8.2f}x "
               f"{per_epoch_min[k]:12.2f} {best_plain_min / per_epoch_min[k]:8.2f}x")
     result = {
-        "what": "one epoch of base training, paper network, batch %d, SGD; median of %d repeats of %d steps, scaled to %d steps"
-        % (args.batch, args.repeats, steps, full_steps),
+        "what": f"one epoch of base training, paper network, batch {args.batch}, SGD; "
+        f"median of {args.repeats} repeats of {steps} steps, scaled to {full_steps} steps",
         "data": source,
         "threads": args.threads,
         "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "(unset)"),

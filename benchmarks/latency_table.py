@@ -44,6 +44,7 @@ from pathlib import Path
 
 import gross  # before torch: it sets OMP_WAIT_POLICY=PASSIVE, which only takes effect before torch loads OpenMP
 
+# isort: split
 import numpy as np
 import torch
 

@@ -117,7 +117,7 @@ def main() -> None:
             for seed in range(args.evolution_seeds)
         ]
 
-        def found(result: S.SearchResult) -> dict:
+        def found(result: S.SearchResult, optimum: float = optimum) -> dict:  # this budget's optimum, bound now
             return {
                 "config": S.format_config(result.best.config),
                 "val_accuracy": result.best.val_accuracy,

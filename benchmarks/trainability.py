@@ -41,8 +41,16 @@ import torch
 from gross import conditioning, decompose, gross_layers, search_space, set_config
 from gross.checkpoint import load_model
 from gross.config import resolve_config
-from gross.train import TrainingError, evaluate, finetune, load_splits, prepare_batches, reconstruct, reconstruction_loss
-from gross.train import decompose_fixed
+from gross.train import (
+    TrainingError,
+    decompose_fixed,
+    evaluate,
+    finetune,
+    load_splits,
+    prepare_batches,
+    reconstruct,
+    reconstruction_loss,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 LRS = (1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5)

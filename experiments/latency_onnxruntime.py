@@ -44,6 +44,7 @@ from pathlib import Path
 
 from gross import pipeline  # before torch: it sets OMP_WAIT_POLICY=PASSIVE, which only takes effect before torch loads OpenMP
 
+# isort: split
 import torch
 
 from gross.checkpoint import atomic_write, load_model

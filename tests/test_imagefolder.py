@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from gross.data import Augmentation, DataError, Dataset, ResizedCrop, StreamedBatches, batches, load_dataset
-from gross.imagefolder import ImageFiles, list_image_folder, load_image_folder
+from gross.imagefolder import ImageFiles, load_image_folder
 from gross.train import _train_batches, calibration_batches, prepare_batches
 
 

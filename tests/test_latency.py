@@ -108,7 +108,7 @@ def test_latency_table_structure(small_net, tmp_path):
     table = latency_table(small_net, (3, 32, 32), batch_size=3, **FAST)
     names = [n for n, _ in gross.gross_layers(small_net)]
     assert list(table.layers) == names == ["conv2", "conv3", "conv4"]
-    for (name, layer), options in zip(gross.gross_layers(small_net), table.options):
+    for (_, layer), options in zip(gross.gross_layers(small_net), table.options):
         assert set(options) == set(layer.group_sizes) | {DENSE}
     assert table.input_shapes == ((3, 8, 16, 16), (3, 8, 8, 8), (3, 16, 4, 4))
     # The rest: the network with every layer dense, timed whole, less those layers' entries.

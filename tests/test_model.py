@@ -117,9 +117,10 @@ def test_decompose_leaves_1x1_depthwise_and_unmatched_convs_dense():
 
 def test_sample_config_is_deterministic_and_tempered():
     model = gross.decompose(small_paper_net(), max_iter=10)
-    draw = lambda seed, alpha, form="normalised": [
-        gross.sample_config(model, alpha, g, form) for g in [torch.Generator().manual_seed(seed)] for _ in range(50)
-    ]
+    def draw(seed, alpha, form="normalised"):
+        gen = torch.Generator().manual_seed(seed)
+        return [gross.sample_config(model, alpha, gen, form) for _ in range(50)]
+
     assert draw(3, 4.0) == draw(3, 4.0)
     hot = draw(0, 8.0, "literal")
     assert sum(c == (1, 1, 1) for c in hot) >= 45

@@ -88,7 +88,7 @@ def test_tree_equals_plain_on_every_paper_net_config():
     assert gross.get_config(model) == configs[5] and not model.training
     reference = plain_scores(model, configs[:10], data)
     assert [s.accuracy for s in tree[:10]] == [a for a, _ in reference]
-    assert [s.loss for s in tree[:10]] == pytest.approx([l for _, l in reference], rel=1e-5)
+    assert [s.loss for s in tree[:10]] == pytest.approx([loss for _, loss in reference], rel=1e-5)
     assert len({s.accuracy for s in tree}) > 3  # the configurations do differ
 
 
@@ -153,7 +153,7 @@ def test_recalibrated_scores_equal_recalibrating_each_configuration_by_hand():
         reference += plain_scores(model, [config], data)
         gross.load_batchnorm_state(model, before)
     assert [s.accuracy for s in tree] == [a for a, _ in reference]
-    assert [s.loss for s in tree] == pytest.approx([l for _, l in reference], rel=1e-5)
+    assert [s.loss for s in tree] == pytest.approx([loss for _, loss in reference], rel=1e-5)
     # Recalibration changes the scores (the trained statistics are not each configuration's).
     assert tree != S.evaluate_configs(model, configs, data, method="tree")
 
