@@ -223,6 +223,11 @@ def build_from_arch(arch: Mapping[str, Any], template: nn.Module | None = None) 
 
 
 def _check_arch(path: Path, found: Mapping[str, Any], expected: Mapping[str, Any] | None) -> None:
+    if expected is not None and not same_architecture(found, expected) and str(found.get("model")).startswith(PYTHON_PREFIX):
+        raise CheckpointError(
+            f"{path} holds {describe_arch(found)}, which was given in Python, so no name rebuilds it; "
+            f"pass the same module again (gross.pipeline.run(cfg, model=...) or gross.pipeline.context(cfg, model=...))"
+        )
     if expected is not None and not same_architecture(found, expected):
         raise CheckpointError(
             f"{path} holds {describe_arch(found)} but this run's model is {describe_arch(expected)}; "
