@@ -27,11 +27,27 @@ Usage::
     PYTHONPATH=src python benchmarks/btd_speed.py [--weights runs/NAME/base/model.safetensors] [--quick]
 
 Writes ``benchmarks/results/btd_speed{,_quick}.json`` and ``.md``.
+
+Large layers and whole networks (no tensorly baseline: it takes minutes per fit at 512 channels)::
+
+    git show HEAD~1:src/gross/btd.py > /tmp/btd_old.py
+    PYTHONPATH=src python benchmarks/btd_speed.py --large --against /tmp/btd_old.py --sizes 8,64,256
+    PYTHONPATH=src python benchmarks/btd_speed.py --series resnet18 [--distinct]
+
+``--large`` fits a random He 512x512x3x3 weight (float32, as a conv stores it) with this checkout's
+``gross.btd`` and, interleaved in the same process, with the ``btd`` of the file given to
+``--against`` (an earlier version of ``gross/btd.py``), and writes ``btd_large.{json,md}``.
+``--series`` times ``gross.btd`` at every power-of-two group size up to ``C_in`` for every 3x3 conv
+of an ImageNet ResNet-18 (all but the 7x7 stem) or VGG-16 (all but the first conv), on random He
+weights of the real shapes (no trained ImageNet weights are available offline); ``--distinct`` fits
+one conv per distinct shape and counts it as many times as the shape occurs (an estimate, said in
+the output). Writes ``btd_series_{NET}.{json,md}``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -47,6 +63,12 @@ from gross.models import PaperNet
 
 PAPER_LAYERS = {"conv2": (32, 32), "conv3": (64, 32), "conv4": (64, 64)}  # name: (C_out, C_in)
 BASELINE_TOL = 1e-6
+# (C_out, C_in) of the 3x3 convs that are decomposed, in network order.
+SERIES_CONVS = {
+    "resnet18": [(64, 64)] * 4 + [(128, 64)] + [(128, 128)] * 3 + [(256, 128)] + [(256, 256)] * 3
+    + [(512, 256)] + [(512, 512)] * 3,
+    "vgg16": [(64, 64), (128, 64), (128, 128), (256, 128), (256, 256), (256, 256), (512, 256)] + [(512, 512)] * 5,
+}
 
 
 def he_weight(c_out: int, c_in: int, gen: torch.Generator, k: int = 3) -> torch.Tensor:
@@ -180,6 +202,82 @@ def series_time(weights: str, penalty: float, tol: float) -> dict:
             "threads": torch.get_num_threads(), "errors": errors, "kappas": kappas}
 
 
+def load_btd(path: str):
+    """The ``btd`` and ``conditioning`` functions of another copy of ``gross/btd.py``."""
+    spec = importlib.util.spec_from_file_location("btd_against", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def timed_fit(btd_fn, conditioning_fn, w: torch.Tensor, g: int) -> dict:
+    start = time.perf_counter()
+    fit = btd_fn(w, g)
+    seconds = time.perf_counter() - start
+    return {"time_s": seconds, "steps": len(fit.errors) - 1, "error": fit.errors[-1], "kappa": conditioning_fn(fit)}
+
+
+def large(args: argparse.Namespace, out: Path) -> None:
+    """512x512x3x3 He weight: this checkout against ``--against``, interleaved per group size."""
+    w = he_weight(512, 512, torch.Generator().manual_seed(0))
+    other = load_btd(args.against) if args.against else None
+    rows = []
+    for g in [int(s) for s in args.sizes.split(",")]:
+        row = {"g": g}
+        if other is not None:
+            row["before"] = timed_fit(other.btd, other.conditioning, w, g)
+        row["after"] = timed_fit(btd, conditioning, w, g)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    settings = {"weight": "random He 512x512x3x3, float32, seed 0", "against": args.against, "threads": args.threads,
+                "torch": torch.__version__, "load_average_at_start": os.getloadavg()}
+    (out / "btd_large.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
+    lines = ["| g | before (s) | steps | error | kappa | after (s) | steps | error | kappa | speed-up | error change |",
+             "|" + " --- |" * 11]
+    for r in rows:
+        a, b = r["after"], r.get("before")
+        if b is None:
+            lines.append(f"| {r['g']} | - | - | - | - | {a['time_s']:.1f} | {a['steps']} | {a['error']:.4f} | {a['kappa']:.2f} | - | - |")
+        else:
+            lines.append(f"| {r['g']} | {b['time_s']:.1f} | {b['steps']} | {b['error']:.4f} | {b['kappa']:.2f} "
+                         f"| {a['time_s']:.1f} | {a['steps']} | {a['error']:.4f} | {a['kappa']:.2f} "
+                         f"| {b['time_s'] / a['time_s']:.1f}x | {100 * (a['error'] / b['error'] - 1):+.2f}% |")
+    notes = "\n".join(f"- {k}: {v}" for k, v in settings.items())
+    (out / "btd_large.md").write_text(f"# gross.btd on a 512-channel layer, before and after\n\n{notes}\n\n" + "\n".join(lines) + "\n")
+
+
+def series(args: argparse.Namespace, out: Path) -> None:
+    """Seconds for every power-of-two group size of every decomposed 3x3 conv of a network."""
+    convs = SERIES_CONVS[args.series]
+    counts: dict[tuple[int, int], int] = {}
+    for shape in convs:
+        counts[shape] = counts.get(shape, 0) + 1
+    todo = [(shape, counts[shape]) for shape in counts] if args.distinct else [(shape, 1) for shape in convs]
+    gen = torch.Generator().manual_seed(0)
+    fits, total = [], 0.0
+    for (c_out, c_in), times in todo:
+        w = he_weight(c_out, c_in, gen)
+        for g in [2**j for j in range(c_in.bit_length()) if 2**j <= c_in]:
+            fit = timed_fit(btd, conditioning, w, g)
+            fit.update(c_out=c_out, c_in=c_in, g=g, counted=times)
+            fits.append(fit)
+            total += times * fit["time_s"]
+            print(json.dumps(fit), flush=True)
+    settings = {"network": args.series, "convs": len(convs), "distinct_shapes_only": args.distinct,
+                "weights": "random He of the real shapes, float32", "threads": args.threads, "torch": torch.__version__,
+                "load_average_at_start": os.getloadavg()}
+    result = {"settings": settings, "total_s": total, "fits": fits}
+    (out / f"btd_series_{args.series}.json").write_text(json.dumps(result, indent=2) + "\n")
+    how = "estimated: one conv per distinct shape, times its count" if args.distinct else "measured: every conv"
+    lines = [f"# gross.btd series of {args.series}: {total:.0f} s ({how})", ""]
+    lines += [f"- {k}: {v}" for k, v in settings.items()] + ["", "| C_out x C_in | g | counted | time (s) | steps | error | kappa |",
+                                                              "|" + " --- |" * 7]
+    lines += [f"| {f['c_out']} x {f['c_in']} | {f['g']} | {f['counted']} | {f['time_s']:.2f} | {f['steps']} | {f['error']:.4f} "
+              f"| {f['kappa']:.2f} |" for f in fits]
+    (out / f"btd_series_{args.series}.md").write_text("\n".join(lines) + "\n")
+    print(f"{args.series}: {total:.0f} s ({how})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--weights", help="safetensors state dict of the paper network (keys conv2.weight, ...)")
@@ -191,10 +289,23 @@ def main() -> None:
     parser.add_argument("--all-sizes", action="store_true",
                         help="every power-of-two group size of the paper layers (default 1, 4, 16 and full)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    parser.add_argument("--large", action="store_true", help="512x512 layer only, against --against (see the notes)")
+    parser.add_argument("--against", help="another copy of gross/btd.py to time --large against")
+    parser.add_argument("--sizes", default="8,64,256", help="group sizes for --large")
+    parser.add_argument("--series", choices=sorted(SERIES_CONVS), help="whole-network series times only")
+    parser.add_argument("--distinct", action="store_true", help="--series: one conv per distinct shape, counted")
     args = parser.parse_args()
     cap = args.cap if args.cap is not None else (5.0 if args.quick else 25.0)
 
     torch.set_num_threads(args.threads)
+    if args.large or args.series:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        if args.large:
+            large(args, out)
+        else:
+            series(args, out)
+        return
     layers, source = load_layers(args.weights, args.quick)
     import tensorly
 

@@ -1,5 +1,4 @@
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -201,14 +200,14 @@ def test_penalty_keeps_trained_fits_well_conditioned(name, g):
     # On trained CIFAR-10 weights plain least squares drifts into large cancelling blocks; the
     # penalised fit stays near orthogonal at (almost) the same error.
     w = TRAINED[name]
-    start = time.perf_counter()
     fit = btd(w, g)
-    seconds = time.perf_counter() - start
     plain = btd(w, g, penalty=0, tol=0, max_iter=300)
     assert conditioning(fit) < 2.0
     assert conditioning(plain) > 3 * conditioning(fit)
     assert fit.errors[-1] < 1.05 * plain.errors[-1]
-    assert seconds < 20  # about 1 s on one idle core
+    # Converged by the default rule well before max_iter (65-120 steps when written), a
+    # machine-independent stand-in for its speed.
+    assert len(fit.errors) - 1 < 250
 
 
 def test_align_undoes_a_rotation_inside_blocks():
@@ -231,6 +230,30 @@ def test_align_undoes_a_rotation_inside_blocks():
     torch.testing.assert_close(btd_to_weight(other), btd_to_weight(fit))
     with pytest.raises(ValueError, match="align"):
         align(random_btd(12, 8, 8, 2), fit)  # 4 does not divide 2
+
+
+@pytest.mark.parametrize("shape", [(12, 40), (40, 12), (3, 2, 30), (3, 30, 2)])
+def test_leading_left_spans_the_svd_subspace(shape):
+    # Both branches (Gram of the short side, or of the long side then QR), batched or not.
+    gen = torch.Generator().manual_seed(18)
+    m = torch.randn(*shape, generator=gen, dtype=torch.float64)
+    r = 2
+    u = btd_module._leading_left(m, r)
+    ref = torch.linalg.svd(m, full_matrices=False)[0][..., :r]
+    torch.testing.assert_close(u.transpose(-2, -1) @ u, torch.eye(r, dtype=m.dtype).expand(u.shape[:-2] + (r, r)))
+    torch.testing.assert_close(u @ u.transpose(-2, -1), ref @ ref.transpose(-2, -1), rtol=0, atol=1e-10)
+
+
+def test_extrapolated_qtw_matches_the_product():
+    # Q^T W carried through the per-block QR equals the product with the data.
+    w = he_weight(10, 12).reshape(10, 12, 9).permute(2, 0, 1).contiguous()
+    fit = btd_module._Fit(w, 4, 12, 0, PENALTY)
+    gen = torch.Generator().manual_seed(19)
+    p, q = (torch.randn(*s, generator=gen, dtype=torch.float64) for s in ((12, 12), (10, 12)))
+    x = torch.randn(9, 3, 4, 4, generator=gen, dtype=torch.float64)
+    p2, q2, x2, qtw = fit._normalise_with_qtw(p, q, x, q.T @ w)
+    torch.testing.assert_close(qtw, q2.T @ w, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(q2 @ fit._inner(p2, x2), q @ fit._inner(p, x), rtol=1e-12, atol=1e-12)
 
 
 def test_max_iter_zero_returns_start():
