@@ -350,6 +350,27 @@ def test_cuda():
     assert fit32.core.dtype == torch.float32 and fit32.errors[-1] < fit32.errors[0]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("g", [1, 8, 32])
+def test_cuda_matches_cpu(g):
+    # The same steps on either device: errors agree to rounding, and so does the fitted weight.
+    w = he_weight(48, 64, seed=20)
+    cpu, gpu = btd(w, g, max_iter=15, tol=0), btd(w.cuda(), g, max_iter=15, tol=0)
+    assert gpu.first.is_cuda and gpu.core.is_cuda and gpu.last.is_cuda
+    assert gpu.errors == pytest.approx(cpu.errors, rel=1e-6)
+    torch.testing.assert_close(btd_to_weight(gpu).cpu(), btd_to_weight(cpu), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_decompose_fits_on_the_device():
+    from gross import decompose, gross_layers
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(16, 16, 3, padding=1)).cuda()
+    decompose(net, group_sizes=[4, 16], max_iter=5)
+    (_, layer), = gross_layers(net)
+    assert all(p.is_cuda for p in layer.parameters())
+
+
 # --- errors ----------------------------------------------------------------------------------------
 
 

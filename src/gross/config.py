@@ -123,6 +123,7 @@ class DecomposeConfig:
     group_sizes: Union[list[int], None] = None  # candidate group sizes of every layer (those dividing its width are kept); null: every power of two
     nested: bool = False  # fit each group size warm-started from the previous one (smaller difference terms); false: independently, as the paper (the default until a full experiment compares the trained spaces)
     btd: dict = field(default_factory=lambda: {"max_iter": 200})  # options of gross.btd (tol, max_iter, seed); the paper: tol 1e-6
+    device: Union[str, None] = None  # where the fits run: cpu, cuda, cuda:N or auto; null: the run's device
 
 
 @dataclass

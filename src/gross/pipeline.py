@@ -423,7 +423,10 @@ def stage_decompose(ctx: Context, skip_done: bool = False) -> None:
         start = time.perf_counter()
         bar = _LayerBar(ctx)
         try:
-            model = decompose(base, group_sizes=d.group_sizes, skip=d.skip, only=d.only, nested=d.nested, progress=bar, **d.btd)
+            # gross.btd fits each weight on the device it is on.
+            fit_on = resolve_device(d.device) if d.device else ctx.device
+            model = decompose(base.to(fit_on), group_sizes=d.group_sizes, skip=d.skip, only=d.only, nested=d.nested,
+                              progress=bar, **d.btd)
         finally:
             bar.close()
         seconds = time.perf_counter() - start
