@@ -438,6 +438,10 @@ def _atomic_save(path: Path, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _gib(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**28 else f"{nbytes / 2**20:.1f} MiB"
+
+
 def _pair(size: int | Sequence[int]) -> tuple[int, int]:
     if isinstance(size, int):
         size = (size, size)
@@ -573,12 +577,12 @@ def load_image_folder(
     budget = memory_budget(memory_gb)
     common = {"classes": listing.classes, "mean": mean, "std": std, "size": size}
     if nbytes > budget:
-        say(f"[data] streamed: decoded the images take {nbytes / 2**30:.2f} GiB > data.memory_gb {budget / 2**30:.2f} GiB; "
-            f"{workers} decoding worker(s) per process")
+        say(f"[data] streamed: the decoded images would take {_gib(nbytes)} > data.memory_gb {_gib(budget)}; "
+            f"{workers} decoding worker(s) per process" + (" (data.workers 0: decoded in the training process)" if not workers else ""))
         sets = {s: ImageFiles(root, files[s], torch.from_numpy(labels[s]), decode=decode, workers=workers, **common) for s in files}
     else:
         sets = _in_memory(listing, files, labels, decode, workers, skip_bad, cache_dir, progress, say, rank, world, common)
-        say(f"[data] in memory: {nbytes / 2**30:.2f} GiB within data.memory_gb {budget / 2**30:.2f} GiB")
+        say(f"[data] in memory: {_gib(nbytes)} within data.memory_gb {_gib(budget)}")
     test = sets.get("test")
     if test is None:
         empty = sets["train"].subset(torch.zeros(0, dtype=torch.int64))

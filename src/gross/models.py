@@ -1,6 +1,7 @@
 """Networks: the built-in ones, and a user's own by reference with its trained weights.
 
-The built-in networks are the paper's 4-layer CIFAR net, CIFAR ResNets and a CIFAR VGG-16. A
+The built-in networks are the paper's 4-layer CIFAR net, CIFAR ResNets, a CIFAR VGG-16 and the
+ImageNet ResNet-18 in torchvision's layout (``resnet18_imagenet``). A
 user's network is named the way Hydra and Lightning name a class: ``package.module:callable`` (an
 importable module) or ``path/to/file.py:callable`` (a file, relative to the current folder); its
 weights come from a ``.safetensors`` file or a PyTorch checkpoint read without unpickling code
@@ -27,6 +28,8 @@ __all__ = [
     "VGG",
     "resnet20",
     "resnet18",
+    "ImageNetResNet",
+    "resnet18_imagenet",
     "vgg16_bn",
     "MODELS",
     "build_model",
@@ -157,6 +160,56 @@ class CifarResNet(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
+class ImageNetResNet(nn.Module):
+    """The ImageNet ResNet of He et al. (2016) with basic blocks, in torchvision's layout.
+
+    A 7x7 stride-2 stem and a 3x3 stride-2 max-pool, four stages (``layer1`` .. ``layer4``) of
+    basic blocks whose first block of stages 2-4 halves the resolution through a 1x1 conv-BN
+    ``downsample`` shortcut, global average pooling and ``fc``. Parameter and buffer names are
+    torchvision's (``conv1``, ``bn1``, ``layer2.0.downsample.0``, ``fc``, ...), so a state dict
+    saved from ``torchvision.models.resnet18`` loads unchanged.
+    """
+
+    def __init__(self, blocks: Sequence[int] = (2, 2, 2, 2), num_classes: int = 1000, in_channels: int = 3) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        c = 64
+        for i, (n, w) in enumerate(zip(blocks, (64, 128, 256, 512))):
+            stage = []
+            for j in range(n):
+                stage.append(_TorchvisionBlock(c, w, stride=2 if i > 0 and j == 0 else 1))
+                c = w
+            setattr(self, f"layer{i + 1}", nn.Sequential(*stage))
+        self.fc = nn.Linear(c, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, stride=2, padding=1)
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+class _TorchvisionBlock(nn.Module):
+    """:class:`BasicBlock` under torchvision's names: the shortcut is ``downsample``, absent when the identity."""
+
+    def __init__(self, in_channels: int, channels: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, channels, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.downsample = None
+        if stride != 1 or in_channels != channels:
+            self.downsample = nn.Sequential(nn.Conv2d(in_channels, channels, 1, stride=stride, bias=False), nn.BatchNorm2d(channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
 _VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 
 
@@ -193,6 +246,11 @@ def resnet18(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
     return CifarResNet((2, 2, 2, 2), (64, 128, 256, 512), num_classes, in_channels)
 
 
+def resnet18_imagenet(num_classes: int = 1000, in_channels: int = 3) -> ImageNetResNet:
+    """ResNet-18 for ImageNet-sized inputs (224 px): torchvision's ``resnet18``, parameter for parameter."""
+    return ImageNetResNet((2, 2, 2, 2), num_classes, in_channels)
+
+
 def vgg16_bn(num_classes: int = 10, in_channels: int = 3) -> VGG:
     """VGG-16 with BatchNorm for 32x32 inputs (13 convs, one FC layer)."""
     return VGG(_VGG16, num_classes, in_channels)
@@ -202,6 +260,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "paper": PaperNet,
     "resnet20": resnet20,
     "resnet18": resnet18,
+    "resnet18_imagenet": resnet18_imagenet,
     "vgg16_bn": vgg16_bn,
 }
 
