@@ -160,8 +160,11 @@ def test_steady_allocator_reuses_freed_activations():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(10):
         x * 2  # a fresh 8 MiB result, freed at once
-    # Handed back to the kernel at every free, each would fault its 2048 pages in again.
-    assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < 500
+    # Handed back to the kernel at every free, each would fault its 2048 pages in again (without
+    # the setting: 10241 faults here, glibc's own tuning; 20490 with a fixed 128 KiB threshold).
+    # Reused, none does, but one or two may come from fresh heap when other tests ran before
+    # (seen: 2048 faults after the latency table tests), so the bound is three results' pages.
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < 3 * 2048
 
 
 def flop_clock(fns, **_):
