@@ -10,10 +10,14 @@ from gross.config import resolve_config
 from test_cli import tiny_args
 
 
-def tiny_config(tmp_path):
+def pipeline_overrides(tmp_path) -> list[str]:
     args = tiny_args(tmp_path)
     overrides = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
-    return resolve_config(overrides=[*overrides, f"runs={tmp_path / 'runs'}", "name=lib", "device=cpu", "export.onnx=false"])
+    return [*overrides, f"runs={tmp_path / 'runs'}", "name=lib", "device=cpu", "export.onnx=false"]
+
+
+def tiny_config(tmp_path):
+    return resolve_config(overrides=pipeline_overrides(tmp_path))
 
 
 def test_run_returns_what_it_made(tmp_path):
@@ -53,3 +57,13 @@ def test_a_setting_added_since_a_stage_ran_does_not_count_as_changed_at_its_defa
     assert pipeline._differs(saved, {"epochs": 3, "new": True, "fixed": {"lr": 0.1, "new": 0}}, default)
     assert pipeline._differs(saved, {"epochs": 3, "new": False, "fixed": {"lr": 0.1, "new": 2}}, default)
     assert pipeline._differs(saved, {"epochs": 4, "new": False, "fixed": {"lr": 0.1, "new": 0}}, default)
+
+
+def test_finetune_distils_from_the_base_network_and_trains_the_sandwich(tmp_path, capsys):
+    cfg = resolve_config(overrides=[*pipeline_overrides(tmp_path), "finetune.distill=0.5", "finetune.temperature=2", "finetune.sandwich=true"])
+    ctx = pipeline.context(cfg)
+    for stage in (pipeline.stage_train, pipeline.stage_decompose, pipeline.stage_reconstruct, pipeline.stage_finetune):
+        stage(ctx)
+    assert "distilled from the original (weight 0.5, T 2), sandwich (largest and smallest configuration every step)" in capsys.readouterr().err
+    saved = json.loads((cfg.run_dir / "gross" / "arch.json").read_text())["config"]["finetune"]
+    assert saved["distill"] == 0.5 and saved["sandwich"] is True

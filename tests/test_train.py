@@ -509,3 +509,59 @@ def test_gross_stages_draw_group_sizes_with_the_configured_form(stage, form):
     smallest = sum(c == 2 for config in seen for c in config) / (3 * len(seen))
     expected = {f: float(gross.sampling.group_size_probs(2, 2.0, f)[0]) for f in ("normalised", "literal")}
     assert abs(smallest - expected[form]) < 0.06, (smallest, expected)
+
+
+def test_distillation_loss_is_the_tempered_kl_divergence_summed_over_the_batch():
+    gen = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(5, 7, generator=gen, dtype=torch.float64), torch.randn(5, 7, generator=gen, dtype=torch.float64)
+    t = 3.0
+    p, q = torch.softmax(teacher / t, 1), torch.softmax(student / t, 1)
+    expected = t * t * (p * (p.log() - q.log())).sum()
+    torch.testing.assert_close(train.distillation_loss(student, teacher, t), expected)
+    assert float(train.distillation_loss(teacher, teacher, t)) == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("distill, sandwich", [(0.0, True), (0.7, False), (0.7, True)])
+def test_one_finetune_step_with_distillation_and_sandwich_equals_the_manual_step(distill, sandwich):
+    original, model = exact_gross_net()
+    for net in (original, model):
+        net.dropout.p = 0.0  # the reference below cannot replay dropout's draws
+    data = tiny_splits()
+    n = len(data.train)
+    reference = copy.deepcopy(model)
+    seen, handle = _record_configs(model)
+    cfg = FinetuneConfig(epochs=1, batch_size=n, lr=0.1, momentum=0.0, weight_decay=0.0, alpha=0.0, milestones=[],
+                         distill=distill, temperature=2.0, sandwich=sandwich)  # fmt: skip
+    train.finetune(model, data, cfg, teacher=copy.deepcopy(original), augmentation=None, channels_last=False)
+    handle.remove()
+    largest, smallest = (tuple(s[i] for s in gross.search_space(model)) for i in (-1, 0))
+    assert seen == ([largest, smallest] if sandwich else []) + seen[-1:] and len(seen) == (3 if sandwich else 1)
+    # By hand: the mean over the trained configurations of (1 - w) CE + w T^2 KL, one SGD step.
+    x = next(iter(batches(data.train, n, shuffle=False)))[0]
+    y = data.train.labels
+    with torch.no_grad():
+        target = original.eval()(x)
+    params = train.gross_parameters(reference)
+    reference.train()
+    total = 0
+    for config in seen:
+        gross.set_config(reference, config)
+        logits = reference(x)
+        loss = F.cross_entropy(logits, y, reduction="sum")
+        if distill:
+            loss = (1 - distill) * loss + distill * train.distillation_loss(logits, target, 2.0)
+        total = total + loss / n / len(seen)
+    grads = torch.autograd.grad(total, params, allow_unused=True)
+    with torch.no_grad():
+        for p, g in zip(params, grads):
+            if g is not None:
+                p -= 0.1 * g
+    assert sum(g is not None for g in grads) >= 3  # the step moved the terms of every layer's active size
+    for (name, after), before in zip(model.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_distillation_needs_a_teacher():
+    _, model = exact_gross_net()
+    with pytest.raises(ValueError, match="finetune.distill needs the teacher"):
+        train.finetune(model, tiny_splits(), FinetuneConfig(epochs=1, distill=0.5))

@@ -150,6 +150,9 @@ class FinetuneConfig(OptimConfig):
     alpha: float = 4.0  # group-size sampling temperature; the paper: 4
     sampling: str = DEFAULT_FORM  # "normalised" (exp(-alpha i / N)) or "literal" (exp(-alpha i)); see gross.sampling
     bn_eval: bool = False  # BatchNorm in eval mode (running statistics frozen)
+    distill: float = 0.0  # weight of distillation from the original network: loss = (1 - w) cross-entropy + w T^2 KL(teacher || student) at temperature T; 0: cross-entropy alone (the paper)
+    temperature: float = 4.0  # distillation temperature T (softens both networks' outputs)
+    sandwich: bool = False  # every step also trains the largest and the smallest configuration beside the sampled one (slimmable networks, BigNAS), gradients averaged; about 3x the time of a step
 
 
 def _fixed_reconstruct() -> ReconstructConfig:
@@ -505,6 +508,8 @@ def _validate_optim(opt: OptimConfig, key: str) -> None:
         raise ConfigError(f"{key}.milestones: expected positive epochs or fractions, got {opt.milestones}")
     if opt.eval_every < 0 or opt.checkpoint_every < 0:
         raise ConfigError(f"{key}: eval_every and checkpoint_every must be >= 0")
+    if not 0 <= getattr(opt, "distill", 0.0) <= 1 or getattr(opt, "temperature", 1.0) <= 0:
+        raise ConfigError(f"{key}: distill must be in [0, 1] and temperature > 0")
     sampling = getattr(opt, "sampling", DEFAULT_FORM)
     if sampling not in FORMS:
         raise ConfigError(f"{key}.sampling: expected one of {', '.join(FORMS)}, got {sampling!r}")

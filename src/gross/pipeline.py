@@ -464,8 +464,11 @@ def stage_finetune(ctx: Context, skip_done: bool = False, root: Path | None = No
     arch = base_arch(ctx)
     model, meta = _load(ctx, root / STAGE_DIRS["reconstruct"] / MODEL, "reconstruct", arch)
     cfg = ctx.cfg.fixed.finetune if fixed else ctx.cfg.finetune
-    ctx.log(f"[finetune] {out}: {_epochs(cfg.epochs)}, alpha {cfg.alpha:g}")
-    history = finetune(model, ctx.splits(), cfg, arch=meta["arch"], **ctx.loop_options(out))
+    teacher = _load(ctx, ctx.run_dir / STAGE_DIRS["train"] / MODEL, "train", arch)[0] if cfg.distill else None
+    extras = (f", distilled from the original (weight {cfg.distill:g}, T {cfg.temperature:g})" if cfg.distill else "") + (
+        ", sandwich (largest and smallest configuration every step)" if cfg.sandwich else "")
+    ctx.log(f"[finetune] {out}: {_epochs(cfg.epochs)}, alpha {cfg.alpha:g}{extras}")
+    history = finetune(model, ctx.splits(), cfg, teacher=teacher, arch=meta["arch"], **ctx.loop_options(out))
     _finish(ctx, out, model, meta["arch"], _stage_info(ctx, "finetune", history))
 
 

@@ -40,7 +40,7 @@ import json
 import math
 import os
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -908,13 +908,27 @@ def reconstruct(
         set_config(model, _max_config(model))
 
 
-def finetune(model: nn.Module, data: Splits, cfg: FinetuneConfig | None = None, **options: Any) -> list[dict]:
+def distillation_loss(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
+    """Summed ``T^2 KL(softmax(teacher / T) || softmax(student / T))`` over a batch of logits (N, classes).
+
+    The ``T^2`` keeps the gradient's scale independent of ``T`` (Hinton et al. 2015).
+    """
+    t = temperature
+    return F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), reduction="sum", log_target=True) * t * t
+
+
+def finetune(
+    model: nn.Module, data: Splits, cfg: FinetuneConfig | None = None, *, teacher: nn.Module | None = None, **options: Any
+) -> list[dict]:
     """Finetune the GroSS terms with cross-entropy, a configuration drawn every step.
 
     Only the ``first``, ``core`` and ``last`` terms train. ``cfg.alpha`` is the sampling
     temperature (METHOD.md section 4). With ``cfg.bn_eval`` BatchNorm keeps its running
-    statistics (dropout stays on). Keyword options are those of :func:`train_base`. The model is
-    left at its largest configuration.
+    statistics (dropout stays on). ``cfg.distill`` mixes in distillation from ``teacher`` (the
+    original network, in eval mode, on the same augmented batch): ``(1 - w) CE + w T^2 KL``.
+    ``cfg.sandwich`` trains the largest and the smallest configuration beside the sampled one
+    every step and averages the three gradients. Keyword options are those of
+    :func:`train_base`. The model is left at its largest configuration.
     """
     cfg = cfg or FinetuneConfig()
     opts = _loop_options(options)
@@ -922,19 +936,49 @@ def finetune(model: nn.Module, data: Splits, cfg: FinetuneConfig | None = None, 
         raise TypeError(f"unexpected options {sorted(options)}")
     if not gross_layers(model):
         raise ValueError("the model has no GroSS layers; call gross.decompose(model) first")
+    if cfg.distill and teacher is None:
+        raise ValueError("finetune.distill needs the teacher: finetune(..., teacher=original network)")
     dev = _prepare(model, opts.pop("device"), opts["channels_last"])
+    if cfg.distill:
+        _prepare(teacher, dev, opts["channels_last"])
+        teacher.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
     params = gross_parameters(model)
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if cfg.bn_eval else []
+    extra = [_max_config(model), _min_config(model)] if cfg.sandwich else []
+    share = 1.0 / (1 + len(extra))
 
     def mode() -> None:
         model.train()
         for bn in norms:
             bn.eval()
 
+    def loss_of(logits: Tensor, y: Tensor, target: Tensor | None) -> Tensor:
+        ce = F.cross_entropy(logits, y, reduction="sum")
+        if target is None:
+            return ce
+        return (1 - cfg.distill) * ce + cfg.distill * distillation_loss(logits, target, cfg.temperature)
+
     def step(net: nn.Module, x: Tensor, y: Tensor, global_n: int) -> tuple[Tensor, Tensor, Tensor]:
+        target = None
+        if cfg.distill:
+            with torch.no_grad():
+                target = teacher(x)
+        if extra:
+            # The largest and smallest configurations' gradients accumulate locally (no_sync) and
+            # travel with the sampled one's, which _fit backpropagates; under DDP the world factor
+            # is _fit's too.
+            _, world = _world()
+            sampled = get_config(model)
+            with net.no_sync() if isinstance(net, DistributedDataParallel) else nullcontext():
+                for config in extra:
+                    set_config(model, config)
+                    (loss_of(net(x), y, target) * (share * world / global_n)).backward()
+            set_config(model, sampled)
         logits = net(x)
-        loss_sum = F.cross_entropy(logits, y, reduction="sum")
-        return loss_sum / global_n, loss_sum, (logits.argmax(1) == y).sum()
+        loss_sum = loss_of(logits, y, target)
+        return loss_sum * (share / global_n), loss_sum, (logits.argmax(1) == y).sum()
 
     try:
         with _trainable(model, params):
@@ -987,6 +1031,6 @@ def train_fixed(
     base = Path(out_dir) if out_dir is not None else None
     history = {
         "reconstruct": reconstruct(model, original, data, reconstruct_cfg, out_dir=base / "reconstruct" if base else None, **options),
-        "finetune": finetune(model, data, finetune_cfg, out_dir=base / "finetune" if base else None, **options),
+        "finetune": finetune(model, data, finetune_cfg, teacher=original, out_dir=base / "finetune" if base else None, **options),
     }
     return model, history
