@@ -220,14 +220,14 @@ class Decode:
                 # JPEG can decode at 1/2, 1/4 or 1/8 scale directly; draft keeps at least the
                 # resolution the resize needs, so only work that would be thrown away is skipped.
                 img.draft(mode, (int(img.width * scale + 1), int(img.height * scale + 1)))
-                img = img.convert(mode)
+                img = img.convert(mode) if img.mode != mode else img
                 scale = max(ch / img.height, cw / img.width)
                 sh, sw = self.stored
                 bh, bw = sh / scale, sw / scale
                 box = ((img.width - bw) / 2, (img.height - bh) / 2, (img.width + bw) / 2, (img.height + bh) / 2)
                 img = img.resize((sw, sh), Image.Resampling.BILINEAR, box=box)
             else:
-                img = img.convert(mode)
+                img = img.convert(mode) if img.mode != mode else img  # convert copies even when nothing changes
                 if self.stored is not None and (img.height, img.width) != tuple(self.stored):
                     raise ValueError(f"is {img.height}x{img.width}, not {self.stored[0]}x{self.stored[1]} like the others")
             out = np.asarray(img, dtype=np.uint8)
