@@ -246,3 +246,40 @@ def test_pipeline_in_memory_and_streamed_agree(tmp_path: Path) -> None:
     assert results[0] == results[1]
     assert memory.export["config"] == streamed.export["config"]
     assert memory.export["input_shape"] == streamed.export["input_shape"] == [3, 16, 16]
+
+
+def test_interrupted_streamed_epoch_resumes_to_the_same_weights(tmp_path: Path, monkeypatch) -> None:
+    from gross.config import TrainConfig
+    from gross.models import PaperNet
+    from gross.train import train_base
+
+    root = make_folder(tmp_path / "d", {"train": 6}, size=(16, 16))
+    splits = load_dataset(root, val_size=6, progress=False, workers=0, memory_gb=0)
+    cfg = TrainConfig(epochs=2, batch_size=4, seed=1)
+
+    def trained(out: Path, resume: bool = False) -> dict:
+        torch.manual_seed(0)
+        model = PaperNet(widths=(4, 4, 8, 8), num_classes=3, image_size=16)
+        train_base(model, splits, cfg, out_dir=out, resume=resume, augmentation=Augmentation(pad=2, flip=True))
+        return model.state_dict()
+
+    full = trained(tmp_path / "full")
+    assert len(splits.train) == 12  # 3 batches of 4 an epoch
+    # Stop two batches into the second epoch, as a kill would, then resume from epoch 1's checkpoint.
+    real = ImageFiles.load
+    calls = {"n": 0}
+
+    def stopping(self, index_batches, device=None):
+        index_batches = list(index_batches)
+        calls["n"] += len(index_batches) == 3  # the training epochs' 3 batches, not validation's one
+        for i, x in enumerate(real(self, index_batches, device)):
+            if calls["n"] == 2 and i == 2:
+                raise KeyboardInterrupt
+            yield x
+
+    monkeypatch.setattr(ImageFiles, "load", stopping)
+    with pytest.raises(KeyboardInterrupt):
+        trained(tmp_path / "cut")
+    monkeypatch.setattr(ImageFiles, "load", real)
+    resumed = trained(tmp_path / "cut", resume=True)
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
