@@ -251,8 +251,9 @@ def test_extrapolated_qtw_matches_the_product():
     gen = torch.Generator().manual_seed(19)
     p, q = (torch.randn(*s, generator=gen, dtype=torch.float64) for s in ((12, 12), (10, 12)))
     x = torch.randn(9, 3, 4, 4, generator=gen, dtype=torch.float64)
-    p2, q2, x2, qtw = fit._normalise_with_qtw(p, q, x, q.T @ w)
-    torch.testing.assert_close(qtw, q2.T @ w, rtol=1e-12, atol=1e-12)
+    p2, q2, x2, qtw = fit._normalise_with_qtw(p, q, x, fit._qtw(q))
+    reference = (q2.T @ w).transpose(0, 1).reshape(12, -1)  # [d, (k, i)]
+    torch.testing.assert_close(qtw, reference, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(q2 @ fit._inner(p2, x2), q @ fit._inner(p, x), rtol=1e-12, atol=1e-12)
 
 

@@ -97,6 +97,9 @@ _DIRECT_MIN_GROUPS = 16
 # He weights, g = 8: 157 steps either way; g = 32: 166 against 157), at 40% of the core's cost.
 _CG_MAX_ITER = 3
 _CG_REL_TOL = 1e-6
+# Taps per chunk of the Gram-side products: about this many elements (8 MB) of D x D intermediates
+# (at 512 channels, g = 8, 1 thread, load ~7: 2^18, 2^20 and all 9 taps gave 1.60, 1.34, 1.46 s per step).
+_CHUNK_ELEMENTS = 1 << 20
 # Below this relative error, float32 weights' data products switch to float64 (_Fit.__init__).
 _FLOAT32_MIN_ERROR = 1e-2
 # Errors below this are computed from the residual instead of from Gram matrices.
@@ -501,13 +504,6 @@ class _Fit:
 
     def __init__(self, w: Tensor, g: int, d: int, seed: int, penalty: float, data_dtype: torch.dtype = torch.float64) -> None:
         self.w = w
-        # The two products with the data (``Q^T W``, ``W P^T``) dominate a step on large layers;
-        # they run in the weight's own precision when that is float32 or lower (2.4x faster on
-        # this project's CPU) while the error is above _FLOAT32_MIN_ERROR: they change the
-        # Gram-form squared error by ~1e-7 of |W|^2, far below any tol in use at such errors, but
-        # not below the error of a nearly exact fit, which continues in float64 (see als).
-        # Float64 weights keep float64 throughout.
-        self.w_data = w if data_dtype == torch.float64 else w.to(torch.float32)
         self.k, self.o, self.i = w.shape
         self.g, self.d, self.n_groups = g, d, d // g
         self.seed = seed
@@ -516,6 +512,13 @@ class _Fit:
         self.norm_sq = self.norm**2
         self.w_out = w.permute(1, 0, 2).reshape(self.o, -1)  # (O, K*I): out-mode unfolding
         self.w_in = w.reshape(-1, self.i)  # (K*O, I): in-mode unfolding (transposed)
+        # The two products with the data (``Q^T W``, ``W (B P)^T``) dominate a step on large
+        # layers; they run in the weight's own precision when that is float32 or lower (2.4x
+        # faster on this project's CPU) while the error is above _FLOAT32_MIN_ERROR: they change
+        # the Gram-form squared error by ~1e-7 of |W|^2, far below any tol in use at such errors,
+        # but not below the error of a nearly exact fit, which continues in float64 (see als).
+        # Float64 weights keep float64 throughout.
+        self.w_data = self.w_out if data_dtype == torch.float64 else self.w_out.to(torch.float32)
 
     # --- basic pieces ---------------------------------------------------------------------------
 
@@ -538,12 +541,8 @@ class _Fit:
         return (x @ p.reshape(self.n_groups, self.g, self.i)).reshape(self.k, self.d, self.i)
 
     def _qtw(self, q: Tensor) -> Tensor:
-        """``Q^T W_k`` for every tap: ``(K, D, I)``, in float64."""
+        """``Q^T W`` as ``(D, K * I)``: row ``d``, then tap and input channel (one GEMM, float64)."""
         return (q.T.to(self.w_data.dtype) @ self.w_data).to(torch.float64)
-
-    def _wpt(self, p: Tensor) -> Tensor:
-        """``W_k P^T`` for every tap: ``(K, O, D)``, in float64."""
-        return (self.w_data @ p.T.to(self.w_data.dtype)).to(torch.float64)
 
     def error(self, p: Tensor, q: Tensor, x: Tensor) -> float:
         return float((self.w - q @ self._inner(p, x)).norm() / self.norm)
@@ -566,9 +565,8 @@ class _Fit:
             n_groups, g = self.n_groups, self.g
             qb, r = _orthonormalise_columns(q.reshape(self.o, n_groups, g).transpose(0, 1))
             q, x = qb.transpose(0, 1).reshape(self.o, self.d), r @ x
-            blocks = qtw.reshape(self.k, n_groups, g, self.i).permute(1, 2, 0, 3).reshape(n_groups, g, -1)
-            blocks = torch.linalg.solve_triangular(r.transpose(1, 2), blocks, upper=False)
-            qtw = blocks.reshape(n_groups, g, self.k, self.i).permute(2, 0, 1, 3).reshape(self.k, self.d, self.i)
+            blocks = torch.linalg.solve_triangular(r.transpose(1, 2), qtw.reshape(n_groups, g, -1), upper=False)
+            qtw = blocks.reshape(self.d, -1)
         p, x = self._normalise_first(p, x)
         return p, q, x, qtw
 
@@ -586,42 +584,43 @@ class _Fit:
 
     # --- the three least-squares steps ----------------------------------------------------------
     #
-    # Only two products touch the data, ``Q^T W`` and ``W P^T`` (``O(K O I D)`` each); every
-    # Gram matrix and the error are assembled from them and the small factors. Products with the
-    # block-diagonal cores run as one batched matmul over the G groups, taps folded in, since
-    # batching over taps and groups means K * G tiny matmuls when g is small.
+    # Only two products per step touch the data: ``Q^T W`` and ``W (B P)^T`` (``O(K O I D)``
+    # each, one GEMM on the out-mode unfolding each), laid out so that every product with the
+    # block-diagonal cores is a batched matmul over the G groups of contiguous views, taps folded
+    # in. The Gram-side products (``O(K D^2 g)``) run over chunks of taps whose ``D x D``
+    # intermediates stay in cache: on 512-channel layers the former single pass over
+    # ``K x D x D`` tensors was bound by memory copies, not arithmetic.
 
-    def _left(self, x: Tensor, y: Tensor, transpose: bool = False) -> Tensor:
-        """``sum_k B_k Y_k``: ``(D, n)``; ``Y (K, D, n)``, ``B_k = blockdiag(X_k)`` or its transpose."""
-        k, n_groups, g = self.k, self.n_groups, self.g
-        xs = (x.transpose(2, 3) if transpose else x).permute(1, 2, 0, 3).reshape(n_groups, g, k * g)
-        ys = y.reshape(k, n_groups, g, -1).transpose(0, 1).reshape(n_groups, k * g, -1)
-        return (xs @ ys).reshape(self.d, -1)
+    def _tap_chunks(self) -> range:
+        """Start indices of chunks of taps, each chunk's ``(taps, D, D)`` intermediate about _CHUNK_ELEMENTS."""
+        return range(0, self.k, max(1, min(self.k, _CHUNK_ELEMENTS // (self.d * self.d))))
 
-    def _right(self, y: Tensor, x: Tensor, transpose: bool = False) -> Tensor:
-        """``sum_k Y_k B_k``: ``(n, D)``; ``Y (K, n, D)``, ``B_k = blockdiag(X_k)`` or its transpose."""
-        k, n_groups, g = self.k, self.n_groups, self.g
-        n = y.shape[1]
-        ys = y.reshape(k, n, n_groups, g).permute(2, 1, 0, 3).reshape(n_groups, n, k * g)
-        xs = (x.transpose(2, 3) if transpose else x).transpose(0, 1).reshape(n_groups, k * g, g)
-        return (ys @ xs).transpose(0, 1).reshape(n, self.d)
-
-    def _each(self, x: Tensor, m: Tensor, transpose: bool = False) -> Tensor:
-        """``B_k M`` for every tap: ``(K, D, n)``; ``M (D, n)``, ``B_k = blockdiag(X_k)`` or its transpose."""
-        k, n_groups, g = self.k, self.n_groups, self.g
-        xs = (x.transpose(2, 3) if transpose else x).transpose(0, 1).reshape(n_groups, k * g, g)
-        out = xs @ m.reshape(n_groups, g, -1)  # (G, K*g, n)
-        return out.reshape(n_groups, k, g, -1).transpose(0, 1).reshape(k, self.d, -1)
+    def _sandwich(self, x: Tensor, m: Tensor, transpose: bool = False) -> Tensor:
+        """``sum_k B_k M B_k^T`` (or ``sum_k B_k^T M B_k``): ``(D, D)``; ``B_k = blockdiag(X_k)``, ``M (D, D)``."""
+        n_groups, g, d = self.n_groups, self.g, self.d
+        xs = x.transpose(2, 3) if transpose else x  # (K, G, g, g): B_k's blocks [out, in]
+        acc = torch.zeros(n_groups, d, g, dtype=m.dtype, device=m.device)  # [s, (r, a), b]
+        step = self._tap_chunks().step
+        for k0 in self._tap_chunks():
+            xc = xs[k0 : k0 + step]
+            left = (xc @ m.reshape(1, n_groups, g, d)).reshape(-1, d, n_groups, g)  # B_k M: [k, (r,a), s, b']
+            acc += (left.transpose(1, 2) @ xc.transpose(2, 3)).sum(0)  # (B_k M)[:, s] X_sk^T
+        return acc.transpose(0, 1).reshape(d, d)
 
     def _last_step(self, p: Tensor, x: Tensor, c: Tensor, lam: float) -> Tensor:
         """Least-squares ``Q`` for ``W_k ~= Q B_k P``, ``B_k = blockdiag(X_k)``; ``C = P P^T``.
 
-        The penalty ``lam * sum_r ||W_r||^2`` is ``lam`` times the diagonal blocks of the normal
-        matrix, which are block ``r``'s own terms ``sum_k X_rk C_rr X_rk^T``.
+        The right-hand side ``sum_k W_k (B_k P)^T`` is one GEMM of the out-mode unfolding with
+        ``M = [B_k P]_k`` laid out ``(D, K * I)``. The penalty ``lam * sum_r ||W_r||^2`` is
+        ``lam`` times the diagonal blocks of the normal matrix, which are block ``r``'s own terms
+        ``sum_k X_rk C_rr X_rk^T``.
         """
-        rhs = self._right(self._wpt(p), x, transpose=True)  # sum_k W_k P^T B_k^T
-        gram = self._right(self._each(x, c), x, transpose=True)  # sum_k B_k C B_k^T
-        return _solve_psd(_scale_diagonal_blocks(gram, self.n_groups, 1 + lam), rhs.T).T
+        n_groups, g, k, i = self.n_groups, self.g, self.k, self.i
+        xs = x.permute(1, 2, 0, 3).reshape(n_groups, g * k, g)  # [r, (a, k), b]
+        bp = (xs @ p.reshape(n_groups, g, i)).reshape(self.d, k * i)  # (B_k P)[(r, a), (k, i)]
+        rhs = (self.w_data @ bp.T.to(self.w_data.dtype)).to(torch.float64)  # (O, D)
+        gram = _scale_diagonal_blocks(self._sandwich(x, c), n_groups, 1 + lam)
+        return _solve_psd(gram, rhs.T).T
 
     def _first_step(self, x: Tensor, a: Tensor, qtw: Tensor, lam: float) -> tuple[Tensor, Tensor, Tensor]:
         """Least-squares ``P`` for ``W_k ~= Q B_k P``; ``A = Q^T Q``, ``qtw = Q^T W``; penalised as ``Q``.
@@ -629,27 +628,32 @@ class _Fit:
         Also returns the (unpenalised) normal matrix and right-hand side, which give the error and,
         through the matrix's diagonal blocks, the blocks' norms.
         """
-        rhs = self._left(x, qtw, transpose=True)  # sum_k B_k^T Q^T W_k
-        gram = self._right(self._each(x, a, transpose=True), x)  # sum_k B_k^T A B_k
-        return _solve_psd(_scale_diagonal_blocks(gram, self.n_groups, 1 + lam), rhs), gram, rhs
+        n_groups, g, k, i = self.n_groups, self.g, self.k, self.i
+        xs = x.permute(1, 3, 2, 0).reshape(n_groups, g, g * k)  # [r, b, (a, k)]: B_k^T
+        rhs = (xs @ qtw.reshape(n_groups, g * k, i)).reshape(self.d, i)  # sum_k B_k^T Q^T W_k
+        gram = self._sandwich(x, a, transpose=True)  # sum_k B_k^T A B_k
+        return _solve_psd(_scale_diagonal_blocks(gram, n_groups, 1 + lam), rhs), gram, rhs
 
     def _core_rhs(self, p: Tensor, qtw: Tensor) -> Tensor:
         """``mask(Q^T W_k P^T)``, the core step's right-hand side: ``(K, G, g, g)``."""
-        k, n_groups, g = self.k, self.n_groups, self.g
-        blocks = qtw.reshape(k, n_groups, g, self.i).transpose(0, 1).reshape(n_groups, k * g, self.i)
-        out = blocks @ p.reshape(n_groups, g, self.i).transpose(1, 2)  # (G, K*g, g)
-        return out.reshape(n_groups, k, g, g).transpose(0, 1)
+        n_groups, g, k, i = self.n_groups, self.g, self.k, self.i
+        out = qtw.reshape(n_groups, g * k, i) @ p.reshape(n_groups, g, i).transpose(1, 2)  # [r, (a, k), b]
+        return out.reshape(n_groups, g, k, g).permute(2, 0, 1, 3)
 
     def _gram_op(self, a: Tensor, c: Tensor):
         """``X -> mask(A blockdiag(X_k) C)``, the core step's normal operator, ``O(K D^2 g)``."""
-        k, n_groups, g, d = self.k, self.n_groups, self.g, self.d
-        a_cols = a.reshape(d, n_groups, g).transpose(0, 1)  # (G, D, g): A[:, block s]
-        c_cols = c.reshape(d, n_groups, g).transpose(0, 1)
+        n_groups, g, d = self.n_groups, self.g, self.d
+        a_cols = a.reshape(d, n_groups, g).transpose(0, 1).contiguous()  # (G, D, g): A[:, block s]
+        c_cols = c.reshape(d, n_groups, g).transpose(0, 1).contiguous()
+        chunks = self._tap_chunks()
 
         def op(v: Tensor) -> Tensor:
-            av = a_cols @ v.permute(1, 2, 0, 3).reshape(n_groups, g, k * g)  # [s, (r,a), (k,b')]
-            av = av.reshape(n_groups, n_groups, g, k, g).permute(1, 3, 2, 0, 4).reshape(n_groups, k * g, d)
-            return (av @ c_cols).reshape(n_groups, k, g, g).transpose(0, 1)  # [r, (k,a), b] -> [k, r, a, b]
+            out = []
+            for k0 in chunks:
+                av = a_cols @ v[k0 : k0 + chunks.step]  # A[:, s] X_sk: [k, s, (r, a), b]
+                av = av.reshape(-1, n_groups, n_groups, g, g).permute(0, 2, 3, 1, 4).reshape(-1, n_groups, g, d)
+                out.append(av @ c_cols)  # [k, r, a, c]
+            return torch.cat(out)
 
         return op
 
@@ -670,9 +674,12 @@ class _Fit:
             return sol.T.reshape(k, n_groups, g, g)
         return self._core_cg(a, c, rhs, x, lam)
 
-    def _sq_error(self, p: Tensor, q: Tensor, x: Tensor, qtw: Tensor) -> float:
-        """``||W - W_hat||^2 / ||W||^2`` from ``Q^T W``: ``1 - 2 <b, X> / |W|^2 + <op(X), X> / |W|^2``."""
-        op = self._gram_op(q.T @ q, p @ p.T)
+    def _sq_error(self, p: Tensor, x: Tensor, a: Tensor, c: Tensor, qtw: Tensor) -> float:
+        """``||W - W_hat||^2 / ||W||^2`` from ``Q^T W``: ``1 - 2 <b, X> / |W|^2 + <op(X), X> / |W|^2``.
+
+        ``a = Q^T Q`` and ``c = P P^T``, which the caller keeps for the next step.
+        """
+        op = self._gram_op(a, c)
         cross = (self._core_rhs(p, qtw) * x).sum()
         return float((self.norm_sq - 2 * cross + (op(x) * x).sum()) / self.norm_sq)
 
@@ -878,15 +885,18 @@ class _Fit:
         start, and because ``log`` is concave, whatever lowers ``e + lam k`` lowers ``F``. The
         fixed points are those of ``F``; an exact fit has ``lam = 0``.
 
-        Returns the last factors and the error after every kept step. ``F`` strictly decreases: a step that does not lower it (possible only through
-        rounding or a truncated core solve) is dropped and ends the fit, so the result is never
+        Returns the last factors and the error after every kept step. ``F`` strictly decreases: a
+        step that does not lower it (possible only through rounding or a truncated core solve) is dropped and ends the fit, so the result is never
         worse than the start. With ``mu = 0`` the errors themselves strictly decrease.
         """
         p, q, x = state
-        if self.error(p, q, x) < _FLOAT32_MIN_ERROR:
-            self.w_data = self.w
+        a, c = q.T @ q, p @ p.T  # Grams of the current factors, carried from step to step
         qtw = self._qtw(q)
-        err = self._error(self._sq_error(p, q, x, qtw), p, q, x)
+        err = self._error(self._sq_error(p, x, a, c, qtw), p, q, x)
+        if err < _FLOAT32_MIN_ERROR and self.w_data is not self.w_out:
+            self.w_data = self.w_out
+            qtw = self._qtw(q)
+            err = self._error(self._sq_error(p, x, a, c, qtw), p, q, x)
         obj, k = self._objective(err, p, q, x)
         errors, objectives = [err], [obj]
         if err <= _EXACT:  # exact to rounding (e.g. the Tucker case): nothing left to fit
@@ -895,27 +905,28 @@ class _Fit:
         beta = _EXTRAP_INIT
         for step in range(max_iter):
             lam = self.mu * err**2 / (1 + self.mu * k)
-            a, c = q.T @ q, p @ p.T
             x = self._core_step(a, c, self._core_rhs(p, qtw), x, lam)
             q = self._last_step(p, x, c, lam)
             q, x = self._normalise_last(q, x)
-            qtw = self._qtw(q)
-            p, gram, rhs = self._first_step(x, q.T @ q, qtw, lam)
+            qtw, a = self._qtw(q), q.T @ q
+            p, gram, rhs = self._first_step(x, a, qtw, lam)
             sq = (self.norm_sq - 2 * (p * rhs).sum() + (p * (gram @ p)).sum()) / self.norm_sq
             err = self._error(float(sq), p, q, x)
-            p, x = self._normalise_first(p, x)  # Q is unchanged, so Q^T W stays valid
+            p, x = self._normalise_first(p, x)  # Q is unchanged, so Q^T W and A stay valid
+            c = p @ p.T
             obj, k = self._objective(err, p, q, x)
             if err < _FLOAT32_MIN_ERROR:
-                self.w_data = self.w
+                self.w_data = self.w_out
             if step > 0:
                 # Extrapolate along the step's change ("line search" out of ALS swamps). Q^T W
                 # is linear in Q, so the extrapolated point's is extrapolated too.
                 moved = (new + beta * (new - old) for new, old in zip((p, q, x, qtw), (*kept, kept_qtw)))
                 pe, qe, xe, qtw_e = self._normalise_with_qtw(*moved)
-                err_e = self._error(self._sq_error(pe, qe, xe, qtw_e), pe, qe, xe)
+                a_e, c_e = qe.T @ qe, pe @ pe.T
+                err_e = self._error(self._sq_error(pe, xe, a_e, c_e, qtw_e), pe, qe, xe)
                 obj_e, k_e = self._objective(err_e, pe, qe, xe)
                 if obj_e < obj:
-                    p, q, x, qtw, err, obj, k = pe, qe, xe, qtw_e, err_e, obj_e, k_e
+                    p, q, x, qtw, a, c, err, obj, k = pe, qe, xe, qtw_e, a_e, c_e, err_e, obj_e, k_e
                     beta = min(beta * 1.5, _EXTRAP_MAX)
                 else:
                     beta = max(beta / 2, _EXTRAP_MIN)
