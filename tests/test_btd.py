@@ -425,3 +425,16 @@ def test_bad_init():
         btd(w, 2, init=good._replace(core=good.core[..., :1]))
     with pytest.raises(ValueError, match="first"):
         btd(he_weight(8, 6), 2, init=good)
+
+
+def test_decompose_reports_every_fit_with_its_share_of_the_work():
+    from gross import decompose
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3), torch.nn.Conv2d(8, 16, 1), torch.nn.Conv2d(16, 4, 3))
+    calls = []
+    decompose(net, group_sizes=[2, 4, 8], only=["0", "2"], max_iter=2, progress=lambda *a: calls.append(a))
+    # One call before each fit, layer by layer, sizes smallest first; the work is numel * D per fit.
+    assert [(c[0], c[1], c[2], c[3]) for c in calls] == [("0", 0, 2, s) for s in (2, 4, 8)] + [("2", 1, 2, s) for s in (2, 4, 8)]
+    cost0, cost2 = 8 * 8 * 9 * 8, 4 * 16 * 9 * 16
+    assert [c[4] for c in calls] == [0, cost0, 2 * cost0, 3 * cost0, 3 * cost0 + cost2, 3 * cost0 + 2 * cost2]
+    assert all(c[5] == 3 * cost0 + 3 * cost2 for c in calls)

@@ -140,7 +140,7 @@ def decompose(
     skip: Iterable[str] = (),
     nested: bool = False,
     only: Iterable[str] = (),
-    progress: Callable[[str, int, int], None] | None = None,
+    progress: Callable[[str, int, int, int, float, float], None] | None = None,
     **btd_options,
 ) -> nn.Module:
     """Replace every eligible ``nn.Conv2d`` of ``model`` by a :class:`GroSSConv2d`, in place.
@@ -167,8 +167,12 @@ def decompose(
         is decomposed when named here exactly.
     nested : bool
         See :meth:`GroSSConv2d.from_conv`.
-    progress : callable(name, index, total), optional
-        Called before each layer is decomposed.
+    progress : callable(name, index, total, group_size, done, work), optional
+        Called before each fit: layer ``name`` (``index`` of ``total`` layers) at ``group_size``.
+        ``done`` of ``work`` is the estimated cost of the fits finished of all fits, counted as
+        ``weight.numel() * D`` per fit (the arithmetic of a step's products with the weight,
+        which dominates on large layers), so that ``elapsed * (work - done) / done`` estimates
+        the time left.
     **btd_options
         Passed to :func:`gross.btd`.
 
@@ -184,12 +188,23 @@ def decompose(
         raise ValueError("nothing to decompose: no conv is eligible" + (f"; left alone: {left}" if left else ""))
     if len(chosen) < len(plan):
         log.info("decompose: left alone %s", ", ".join(f"{p.name} ({p.reason})" for p in plan if not p.sizes))
+
+    # The cost of one fit, for the progress callback's time estimate (see its description).
+    costs = []
+    for name, _ in chosen:
+        conv = model.get_submodule(name)
+        costs.append(float(conv.weight.numel() * (btd_options.get("width") or conv.in_channels)))
+    work, done = sum(c * len(sizes) for c, (_, sizes) in zip(costs, chosen)), 0.0
     for i, (name, sizes) in enumerate(chosen):
-        if progress is not None:
-            progress(name, i, len(chosen))
         conv = model.get_submodule(name)
         start = time.perf_counter()
-        layer = GroSSConv2d.from_conv(conv, group_sizes=sizes, nested=nested, **btd_options)
+
+        def report(size: int) -> None:
+            if progress is not None:
+                progress(name, i, len(chosen), size, done + sorted(sizes).index(size) * costs[i], work)
+
+        layer = GroSSConv2d.from_conv(conv, group_sizes=sizes, nested=nested, progress=report, **btd_options)
+        done += costs[i] * len(sizes)
         layer.train(conv.training)
         _replace(model, name, layer)
         log.info("decompose: %s %s in %.2fs", name, sizes, time.perf_counter() - start)

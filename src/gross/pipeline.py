@@ -389,15 +389,20 @@ def _adopt(ctx: Context, out: Path, arch: dict, model: torch.nn.Module, source: 
 
 
 class _LayerBar:
-    """A progress bar over the layers being decomposed (``gross.decompose``'s progress callback)."""
+    """A progress bar over the fits of the layers being decomposed (``gross.decompose``'s progress callback).
+
+    The bar counts estimated work (see ``gross.decompose``), so tqdm's time left is an estimate
+    for the whole stage; the text names the layer and group size being fitted.
+    """
 
     def __init__(self, ctx: Context, desc: str = "decompose") -> None:
-        self.bar = tqdm(desc=desc, unit="layer", disable=not (ctx.progress and ctx.lead), dynamic_ncols=True)
+        self.bar = tqdm(desc=desc, disable=not (ctx.progress and ctx.lead), dynamic_ncols=True,
+                        bar_format="{l_bar}{bar}| {elapsed}<{remaining}{postfix}")
 
-    def __call__(self, name: str, index: int, total: int) -> None:
-        self.bar.total = total
-        self.bar.n = index
-        self.bar.set_postfix_str(name)
+    def __call__(self, name: str, index: int, total: int, group_size: int, done: float, work: float) -> None:
+        self.bar.total = work
+        self.bar.n = done
+        self.bar.set_postfix_str(f"layer {index + 1}/{total} {name}, group size {group_size}")
 
     def close(self) -> None:
         if self.bar.total is not None:

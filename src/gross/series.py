@@ -14,7 +14,7 @@ small group size costs what the small network costs.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -125,6 +125,7 @@ class GroSSConv2d(nn.Module):
         group_sizes: Sequence[int] | None = None,
         nested: bool = False,
         width: int | None = None,
+        progress: Callable[[int], None] | None = None,
         **btd_options,
     ) -> "GroSSConv2d":
         """Decompose a trained ``nn.Conv2d`` at every group size and store the series.
@@ -142,6 +143,8 @@ class GroSSConv2d(nn.Module):
             training (README, "Conditioning and learning rates").
         width : int, optional
             Bottleneck width ``D``; default ``conv.in_channels``.
+        progress : callable(group_size), optional
+            Called before each group size is fitted.
         **btd_options
             Passed to :func:`gross.btd` (``tol``, ``max_iter``, ``seed``, ...).
         """
@@ -169,6 +172,8 @@ class GroSSConv2d(nn.Module):
         fits: list[BTD] = []
         for s in layer.group_sizes:
             init = fits[-1] if nested and fits else None
+            if progress is not None:
+                progress(s)
             fits.append(btd(weight, s, width=layer.width, init=init, **btd_options))
         layer.load_decompositions(fits)
         if conv.bias is not None:
