@@ -127,12 +127,26 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="decoding processes of the streamed variant")
     parser.add_argument("--decode-images", type=int, nargs=2, default=(2000, 400), metavar=("N32", "N224"))
     parser.add_argument("--skip-decode", action="store_true")
+    parser.add_argument("--decode-only", action="store_true", help="measure decoding only and replace it in the existing results")
     args = parser.parse_args()
     torch.set_num_threads(2)
     args.work.mkdir(parents=True, exist_ok=True)
     batch, epoch_steps = 256, 40000 // 256 + 1
 
     decode = [] if args.skip_decode else decode_rates(args.work, *args.decode_images)
+    if args.decode_only:
+        path = RESULTS / "data_throughput.json"
+        out = json.loads(path.read_text())
+        out["decode"] = decode
+        out["decode_load_average_at_end"] = os.getloadavg()
+        path.write_text(json.dumps(out, indent=2) + "\n")
+        md = RESULTS / "data_throughput.md"
+        head, _, tail = md.read_text().partition("## Decoding (images per second)")
+        _, _, rest = tail.partition("\n## ")
+        table = ["## Decoding (images per second)", "", "| format | size | decoder | workers | images/s |", "| --- | --- | --- | --- | --- |",
+                 *[f"| {r['format']} | {r['size']} | {r['decoder']} | {r['workers']} | {r['images_per_s']} |" for r in decode], ""]
+        md.write_text(head + "\n".join(table) + "\n## " + rest)
+        return
 
     tick = time.perf_counter()
     folder = cifar_folder(args.work)
