@@ -32,7 +32,7 @@ Large layers and whole networks (no tensorly baseline: it takes minutes per fit 
 
     git show HEAD~1:src/gross/btd.py > /tmp/btd_old.py
     PYTHONPATH=src python benchmarks/btd_speed.py --large --against /tmp/btd_old.py --sizes 8,64,256
-    PYTHONPATH=src python benchmarks/btd_speed.py --series resnet18 [--distinct]
+    PYTHONPATH=src python benchmarks/btd_speed.py --series resnet18,vgg16 [--distinct]
 
 ``--large`` fits a random He 512x512x3x3 weight (float32, as a conv stores it) with this checkout's
 ``gross.btd`` and, interleaved in the same process, with the ``btd`` of the file given to
@@ -40,8 +40,8 @@ Large layers and whole networks (no tensorly baseline: it takes minutes per fit 
 ``--series`` times ``gross.btd`` at every power-of-two group size up to ``C_in`` for every 3x3 conv
 of an ImageNet ResNet-18 (all but the 7x7 stem) or VGG-16 (all but the first conv), on random He
 weights of the real shapes (no trained ImageNet weights are available offline); ``--distinct`` fits
-one conv per distinct shape and counts it as many times as the shape occurs (an estimate, said in
-the output). Writes ``btd_series_{NET}.{json,md}``.
+one conv per distinct shape (shared by the networks) and counts it as many times as the shape
+occurs (an estimate, said in the output). Writes ``btd_series_{NET}.{json,md}``.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ import json
 import math
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -83,15 +84,22 @@ def load_layers(weights: str | None, quick: bool) -> tuple[list[tuple[str, torch
         from safetensors.torch import load_file
 
         state = load_file(weights)
+        missing = []
         for name, shape in PAPER_LAYERS.items():
-            keys = [k for k in state if k == f"{name}.weight" or k.endswith(f".{name}.weight")]
+            # A network's state dict (conv2.weight, model.conv2.weight) or bare layer weights (conv2).
+            keys = [k for k in state if k in (name, f"{name}.weight") or k.endswith(f".{name}.weight")]
+            if not keys:
+                missing.append(name)
+                continue
             if len(keys) != 1:
                 raise SystemExit(f"{weights}: expected one key {name}.weight (or ending in it), found {keys}")
             w = state[keys[0]].float()
             if tuple(w.shape[:2]) != shape:
                 raise SystemExit(f"{name}.weight has shape {tuple(w.shape)}, expected {shape} x k x k")
             layers.append((name, w))
-        source = f"paper-network layers: trained weights from {weights}"
+        if not layers:
+            raise SystemExit(f"{weights}: none of {list(PAPER_LAYERS)} found")
+        source = f"paper-network layers: trained weights from {weights}" + (f" (not in it: {missing})" if missing else "")
     else:
         layers = [(name, he_weight(*shape, gen)) for name, shape in PAPER_LAYERS.items()]
         source = "paper-network layers: RANDOM He-initialised weights (no --weights given; no trained checkpoint used)"
@@ -246,36 +254,121 @@ def large(args: argparse.Namespace, out: Path) -> None:
     (out / "btd_large.md").write_text(f"# gross.btd on a 512-channel layer, before and after\n\n{notes}\n\n" + "\n".join(lines) + "\n")
 
 
+def step_flops(k: int, o: int, i: int, d: int, g: int, data_products: int, core_ops: int) -> dict[str, float]:
+    """Floating-point operations (a multiply-add is 2) of one ALS step of ``gross.btd``, by part.
+
+    ``data_products``: products with the weight per step (``2 K O I D`` each; 3 before this
+    version, 2 after); ``core_ops``: applications of the core's normal operator
+    (``4 K D^2 g`` each) in the core step and the extrapolation's error (CG iterations + 2).
+    Small terms (QR of the blocks, triangular solves, the blocks' norms) are counted roughly.
+    The last and first steps' normal matrices (``sum_k B_k C B_k^T``) cost one core operator each.
+    """
+    data = 2 * k * o * i * d
+    core_op = 4 * k * d * d * g
+    direct = d * g <= 256 or (d * g <= 512 and d // g >= 16)
+    core_solve = (2 * k * (d * g) ** 2 + (d * g) ** 3 / 3) if direct else (core_ops - 1) * core_op
+    return {
+        "core": 2 * o * d * d + 2 * d * d * i + 2 * k * d * i * g + core_solve,
+        "last": data + 2 * k * d * i * g + core_op + d**3 / 3 + 2 * o * d * d + 2 * o * d * g + 2 * k * d * g * g,
+        "first": data + 2 * k * d * i * g + core_op + d**3 / 3 + 2 * d * d * i + 2 * i * d * g + 2 * k * d * g * g,
+        "error": 4 * d * i,
+        "extrapolation": (data_products - 2) * data + 2 * o * d * d + 2 * d * d * i + 2 * k * d * i * g + core_op
+        + 2 * (o + i) * d * g + k * d * i * g,
+    }
+
+
+def profile(args: argparse.Namespace, out: Path) -> None:
+    """Seconds per ALS step against the step's arithmetic at the matrix-product rate of this run."""
+    other = load_btd(args.against) if args.against else None
+    a = torch.randn(2048, 2048, dtype=torch.float64)
+    a @ a
+    start = time.perf_counter()
+    a @ a
+    rate = 2 * 2048**3 / (time.perf_counter() - start)
+    print(f"float64 matrix-product rate {rate / 1e9:.1f} GFLOP/s", flush=True)
+    rows = []
+    versions = [("after", sys.modules["gross.btd"], 2, 2 + 3)]
+    if other is not None:
+        versions.insert(0, ("before", other, 3, 2 + 10))
+    for c in (32, 128, 512):
+        w = he_weight(c, c, torch.Generator().manual_seed(0)).double().reshape(c, c, 9).permute(2, 0, 1).contiguous()
+        for g in [2**j for j in range(c.bit_length()) if 2**j <= c // 2]:
+            if c == 512 and g not in (1, 8, 64, 256):
+                continue
+            row = {"c": c, "g": g}
+            for name, module, data_products, core_ops in versions:
+                dtype = {"data_dtype": torch.float32} if name == "after" else {}
+                fit = module._Fit(w, g, c, 0, PENALTY, **dtype)
+                state = fit.svd_init()
+                times = []
+                for n in (1, 1 + args.profile_steps):
+                    start = time.perf_counter()
+                    fit.als(state, 0.0, n)
+                    times.append(time.perf_counter() - start)
+                step = (times[1] - times[0]) / args.profile_steps
+                flops = step_flops(9, c, c, c, g, data_products, core_ops)
+                row[name] = {"step_s": step, "flops": flops, "flops_total": sum(flops.values()),
+                             "arithmetic_s": sum(flops.values()) / rate}
+            rows.append(row)
+            print(json.dumps({"c": c, "g": g, **{v[0]: f"{row[v[0]]['step_s'] * 1e3:.1f} ms, "
+                              f"{row[v[0]]['step_s'] / row[v[0]]['arithmetic_s']:.1f}x arithmetic" for v in versions}}), flush=True)
+    settings = {"matmul_rate_gflops": rate / 1e9, "threads": args.threads, "against": args.against,
+                "weights": "random He CxCx3x3 (float32 data products after, float64 before)", "load_average_at_start": os.getloadavg()}
+    (out / "btd_profile.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
+    names = [v[0] for v in versions]
+    head = "| C | g | " + " | ".join(f"{n}: ms/step | {n}: GFLOP/step | {n}: time / arithmetic" for n in names) + " |"
+    lines = [head, "|" + " --- |" * (2 + 3 * len(names))]
+    for r in rows:
+        cells = " | ".join(f"{r[n]['step_s'] * 1e3:.1f} | {r[n]['flops_total'] / 1e9:.3f} | {r[n]['step_s'] / r[n]['arithmetic_s']:.1f}x"
+                           for n in names)
+        lines.append(f"| {r['c']} | {r['g']} | {cells} |")
+    notes = "\n".join(f"- {k}: {v}" for k, v in settings.items())
+    (out / "btd_profile.md").write_text(f"# gross.btd: time per ALS step against its arithmetic\n\n{notes}\n\n" + "\n".join(lines) + "\n")
+
+
 def series(args: argparse.Namespace, out: Path) -> None:
-    """Seconds for every power-of-two group size of every decomposed 3x3 conv of a network."""
-    convs = SERIES_CONVS[args.series]
-    counts: dict[tuple[int, int], int] = {}
-    for shape in convs:
-        counts[shape] = counts.get(shape, 0) + 1
-    todo = [(shape, counts[shape]) for shape in counts] if args.distinct else [(shape, 1) for shape in convs]
+    """Seconds for every power-of-two group size of every decomposed 3x3 conv of each network."""
+    nets = args.series.split(",")
+    unknown = sorted(set(nets) - set(SERIES_CONVS))
+    if unknown:
+        raise SystemExit(f"--series: unknown networks {unknown}; known: {sorted(SERIES_CONVS)}")
     gen = torch.Generator().manual_seed(0)
-    fits, total = [], 0.0
-    for (c_out, c_in), times in todo:
-        w = he_weight(c_out, c_in, gen)
-        for g in [2**j for j in range(c_in.bit_length()) if 2**j <= c_in]:
-            fit = timed_fit(btd, conditioning, w, g)
-            fit.update(c_out=c_out, c_in=c_in, g=g, counted=times)
-            fits.append(fit)
-            total += times * fit["time_s"]
-            print(json.dumps(fit), flush=True)
-    settings = {"network": args.series, "convs": len(convs), "distinct_shapes_only": args.distinct,
-                "weights": "random He of the real shapes, float32", "threads": args.threads, "torch": torch.__version__,
-                "load_average_at_start": os.getloadavg()}
-    result = {"settings": settings, "total_s": total, "fits": fits}
-    (out / f"btd_series_{args.series}.json").write_text(json.dumps(result, indent=2) + "\n")
+    fitted: dict[tuple[int, int], list[dict]] = {}  # with --distinct: one conv per shape, shared by the networks
     how = "estimated: one conv per distinct shape, times its count" if args.distinct else "measured: every conv"
-    lines = [f"# gross.btd series of {args.series}: {total:.0f} s ({how})", ""]
-    lines += [f"- {k}: {v}" for k, v in settings.items()] + ["", "| C_out x C_in | g | counted | time (s) | steps | error | kappa |",
-                                                              "|" + " --- |" * 7]
-    lines += [f"| {f['c_out']} x {f['c_in']} | {f['g']} | {f['counted']} | {f['time_s']:.2f} | {f['steps']} | {f['error']:.4f} "
-              f"| {f['kappa']:.2f} |" for f in fits]
-    (out / f"btd_series_{args.series}.md").write_text("\n".join(lines) + "\n")
-    print(f"{args.series}: {total:.0f} s ({how})")
+    for net in nets:
+        fits, total = [], 0.0
+        for c_out, c_in in SERIES_CONVS[net]:
+            layer = fitted.get((c_out, c_in)) if args.distinct else None
+            if layer is None:
+                w = he_weight(c_out, c_in, gen)
+                layer = []
+                for g in [2**j for j in range(c_in.bit_length())]:
+                    fit = timed_fit(btd, conditioning, w, g)
+                    fit.update(c_out=c_out, c_in=c_in, g=g)
+                    layer.append(fit)
+                    print(json.dumps(fit), flush=True)
+                fitted[(c_out, c_in)] = layer
+            if not (args.distinct and layer[0] in fits):
+                fits += layer
+            total += sum(f["time_s"] for f in layer)
+        settings = {"network": net, "convs": len(SERIES_CONVS[net]), "how": how,
+                    "weights": "random He of the real shapes, float32", "threads": args.threads,
+                    "torch": torch.__version__, "load_average_at_start": os.getloadavg()}
+        (out / f"btd_series_{net}.json").write_text(json.dumps({"settings": settings, "total_s": total, "fits": fits}, indent=2) + "\n")
+        lines = [f"# gross.btd series of {net}: {total:.0f} s ({how})", ""]
+        lines += [f"- {k}: {v}" for k, v in settings.items()]
+        lines += ["", "| C_out x C_in | g | time (s) | steps | error | kappa |", "|" + " --- |" * 6]
+        lines += [f"| {f['c_out']} x {f['c_in']} | {f['g']} | {f['time_s']:.2f} | {f['steps']} | {f['error']:.4f} "
+                  f"| {f['kappa']:.2f} |" for f in fits]
+        (out / f"btd_series_{net}.md").write_text("\n".join(lines) + "\n")
+        print(f"{net}: {total:.0f} s ({how})", flush=True)
+
+
+def _keys(path: str) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        return list(f.keys())
 
 
 def main() -> None:
@@ -292,17 +385,21 @@ def main() -> None:
     parser.add_argument("--large", action="store_true", help="512x512 layer only, against --against (see the notes)")
     parser.add_argument("--against", help="another copy of gross/btd.py to time --large against")
     parser.add_argument("--sizes", default="8,64,256", help="group sizes for --large")
-    parser.add_argument("--series", choices=sorted(SERIES_CONVS), help="whole-network series times only")
+    parser.add_argument("--series", help="whole-network series times only: resnet18, vgg16 or both (comma-separated)")
     parser.add_argument("--distinct", action="store_true", help="--series: one conv per distinct shape, counted")
+    parser.add_argument("--profile", action="store_true", help="time per ALS step against its arithmetic (with --against)")
+    parser.add_argument("--profile-steps", type=int, default=3, help="--profile: steps timed per case")
     args = parser.parse_args()
     cap = args.cap if args.cap is not None else (5.0 if args.quick else 25.0)
 
     torch.set_num_threads(args.threads)
-    if args.large or args.series:
+    if args.large or args.series or args.profile:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         if args.large:
             large(args, out)
+        elif args.profile:
+            profile(args, out)
         else:
             series(args, out)
         return
@@ -341,7 +438,7 @@ def main() -> None:
 
     table = markdown(rows)
     print("\n" + table)
-    if args.weights:
+    if args.weights and any(k.endswith("conv1.weight") for k in _keys(args.weights)):
         settings["series"] = [series_time(args.weights, args.penalty, tol) for tol in (1e-6, 1e-5)]
         for s in settings["series"]:
             print(f"whole series at tol {s['tol']:g}: {s['seconds']:.1f} s for {s['fits']} fits, {s['threads']} threads, "

@@ -23,6 +23,19 @@ is followed by an extrapolation along the step's change, kept only when it lower
 The returned factors are rescaled per block to equal norms (the orthonormal form puts all the
 scale in the core, and SGD on such factors diverged at the paper's reconstruction learning rate).
 
+Cost
+----
+A step touches the weight only through two products, ``Q^T W`` and ``W (B P)^T`` (``2 K O I D``
+flops each, one GEMM on the out-mode unfolding each, in float32 for a float32 weight while the
+error is above 1%); the extrapolated point's ``Q^T W`` follows from the step's by linearity and the
+blocks' QR factors. Everything else is ``O(K D^2 g)``: the two Gram sandwiches ``sum_k B_k C
+B_k^T``, the core's normal operator (a few CG iterations, each one operator), and the
+extrapolated point's error (one operator), run over chunks of taps whose ``D x D``
+intermediates fit in cache. So at 512 channels and small ``g`` the data products are the step,
+and at ``g = D / 2`` the operators are (``benchmarks/btd_speed.py --profile``, below).
+
+PROFILE_PLACEHOLDER
+
 Conditioning
 ------------
 Least-squares BTD is degenerate on real weights: the error keeps falling, ever more slowly, while
