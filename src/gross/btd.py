@@ -34,7 +34,30 @@ extrapolated point's error (one operator), run over chunks of taps whose ``D x D
 intermediates fit in cache. So at 512 channels and small ``g`` the data products are the step,
 and at ``g = D / 2`` the operators are (``benchmarks/btd_speed.py --profile``, below).
 
-PROFILE_PLACEHOLDER
+Measured (``benchmarks/btd_speed.py --profile --against OLD``, ``OLD`` the previous version of
+this file; random He ``C x C x 3 x 3``; 1 thread on a 2-core VM shared with other jobs, load
+average 6: its float64 matrix-product rate in the same run was 10.2 GFLOP/s, against 77 idle,
+so every time here is ~3-7x an idle machine's; ``benchmarks/results/btd_profile.md``). Time per
+step, GFLOP per step as counted by ``step_flops``, and time over arithmetic at that float64 rate:
+
+    C    g     before                      after
+    32   1     12 ms   0.002 GF  52x       1.4 ms  0.002 GF   8x
+    32   16    23 ms   0.012 GF  19x       11 ms   0.007 GF  14x
+    128  1     46 ms   0.14  GF   3.3x     81 ms   0.11  GF   7.7x
+    128  8     77 ms   0.22  GF   3.6x     93 ms   0.15  GF   6.4x
+    128  64    236 ms  0.78  GF   3.1x     128 ms  0.48  GF   2.7x
+    512  1     1.60 s  9.1   GF   1.8x     0.90 s  6.6   GF   1.4x
+    512  8     2.88 s  10.2  GF   2.9x     1.93 s  7.2   GF   2.7x
+    512  64    4.43 s  19.0  GF   2.4x     2.98 s  12.3  GF   2.5x
+    512  256   9.65 s  50.0  GF   2.0x     6.28 s  30.6  GF   2.1x
+
+Before, a step made three products with the data and ten CG iterations; the remaining
+difference is memory traffic. At 512 channels a step is now within ~2.5x of its arithmetic at
+the float64 rate (less at float32's), so what is left is the number of steps: 100-170 at the
+default tol on random He weights, where the error still falls by 1e-5 to 1e-4 per step when the
+fit stops, unchanged by this version. The 3x3 starts were worse: LAPACK's SVD of the unfoldings
+(and of the deflation start's small matrices, slowed 60x by two oversubscribed threads) took
+40-125 s of a 512-channel fit; they are now ``eigh`` of Gram matrices and a float32 residual.
 
 Conditioning
 ------------
