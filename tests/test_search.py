@@ -279,6 +279,11 @@ def test_the_dense_choice_costs_the_original_conv():
     assert bottlenecks(tuple(s[-1] for s in space)) > total
     # uniform:G is the paper's uniform network, every layer its bottleneck, with or without it.
     assert S.resolve_budget("uniform:8", space, with_dense) == bottlenecks((8, 8, 8)) > with_dense((8, 8, 8))
+    # P% is of the original network's MACs, counted on the network before decomposition.
+    assert S.resolve_budget("65%", space, with_dense) == pytest.approx(0.65 * total)
+    assert S.resolve_budget(" 100 % ", space, with_dense) == pytest.approx(total)
+    with pytest.raises(ValueError, match="a percentage needs the original network's cost"):
+        S.resolve_budget("65%", space, bottlenecks)
 
 
 def test_uniform_budget_takes_the_largest_valid_size_below():
@@ -292,7 +297,7 @@ def test_uniform_budget_takes_the_largest_valid_size_below():
     assert S.resolve_budget("uniform:4", space, lambda c: sum(c)) == 4 + 4 + 32
 
 
-@pytest.mark.parametrize("budget", ["uniform16", "fast", "uniform:x", "uniform:0", "macs<5"])
+@pytest.mark.parametrize("budget", ["uniform16", "fast", "uniform:x", "uniform:0", "macs<5", "%", "x%", "-5%", "0%"])
 def test_unknown_budget_strings_are_rejected(budget):
     cost = S.AdditiveCost(0, ({1: 1, 2: 2},))
     with pytest.raises(ValueError, match="budget"):

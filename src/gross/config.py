@@ -191,7 +191,7 @@ class SearchConfig:
     """Searching the trained GroSS space for the best configuration within a budget (gross search)."""
 
     strategy: str = "auto"  # exhaustive, beam, evolution, or auto: exhaustive when at most max_configs configurations fit the budget, else beam
-    budget: Union[str, float, None] = "uniform:16"  # largest cost allowed: "uniform:G" (the cost of every layer at group size G), a number (MACs; ms with cost: latency), or null (no limit)
+    budget: Union[str, float, None] = "uniform:16"  # largest cost allowed: "uniform:G" (the cost of every layer at group size G), "P%" (of the original network's cost, e.g. 50%), a number (MACs; ms with cost: latency), or null (no limit)
     cost: str = "macs"  # macs, or latency: the predicted ms of the latency table (gross latency)
     latency_table: str = "latency/table.json"  # the table that cost: latency uses (a relative path is inside the run folder)
     max_configs: int = 5000  # most configurations the exhaustive search scores (auto: beam above that)

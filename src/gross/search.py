@@ -696,7 +696,9 @@ def resolve_budget(budget: int | float | str | None, space: Sequence[Sequence[in
         units (MACs by default). ``"uniform:G"``: the cost of the configuration with every layer at
         group size ``G`` (see :func:`uniform_config` for layers where ``G`` is not valid), every
         layer as its bottleneck (the paper's uniform networks; :meth:`AdditiveCost.of`), also
-        where the cost offers the dense conv. ``None``: no limit.
+        where the cost offers the dense conv. ``"P%"``: P percent of the original network's
+        cost (every GroSS layer as its dense conv; needs an :class:`AdditiveCost` with ``dense``).
+        ``None``: no limit.
     space : sequence of sequences of int
         The candidate sizes of every layer.
     cost : callable
@@ -721,13 +723,24 @@ def resolve_budget(budget: int | float | str | None, space: Sequence[Sequence[in
                 raise ValueError(f"budget {budget!r}: 'uniform:G' needs a positive integer group size G")
             uniform = uniform_config(space, size)
             limit = float(cost.of(uniform) if isinstance(cost, AdditiveCost) else cost(uniform))
+        elif text.endswith("%"):
+            try:
+                percent = float(text[:-1])
+            except ValueError:
+                percent = -1.0
+            if not percent > 0:
+                raise ValueError(f"budget {budget!r}: 'P%' needs a positive percentage of the original network's cost")
+            if not isinstance(cost, AdditiveCost) or cost.dense is None:
+                raise ValueError(f"budget {budget!r}: a percentage needs the original network's cost, which this cost does not know "
+                                 "(MACs and parameters do, and latency tables with dense timings)")
+            limit = percent / 100 * (cost.base + sum(cost.dense))
         else:
             try:
                 limit = float(text)
             except ValueError:
                 raise ValueError(
-                    f"unknown budget {budget!r}: use a number (the largest cost allowed, e.g. MACs) or "
-                    f"'uniform:G' (the cost of every layer at group size G)"
+                    f"unknown budget {budget!r}: use a number (the largest cost allowed, e.g. MACs), "
+                    f"'uniform:G' (the cost of every layer at group size G) or 'P%' (of the original network's cost)"
                 ) from None
     elif isinstance(budget, (int, float)) and not isinstance(budget, bool):
         limit = float(budget)
