@@ -157,7 +157,8 @@ def test_run_writes_every_stage_and_prints_the_table(tmp_path, capsys):
     assert sum("chosen" in line for line in lines) == 1 and any("pareto" in line for line in lines)
     best = json.loads((run / "search" / "best.json").read_text())
     assert best["finished"] and (run / "search" / "results.csv").is_file()
-    assert f"exported {best['best_config']} (the search's best) -> {run / 'export'}" in out
+    fused = f"; fused into one dense conv: {', '.join(best['best']['dense'])}" if best["best"]["dense"] else ""
+    assert f"exported {best['best_config']} (the search's best{fused}) -> {run / 'export'}" in out
     assert (run / "export" / "net.safetensors").is_file() and (run / "export" / "net.json").is_file()
     assert (run / "report.md").is_file() and (run / "pareto.png").is_file() and f"report: {run / 'report.md'}" in out
     assert not (run / "evaluate").exists()
