@@ -36,7 +36,9 @@ Large layers and whole networks (no tensorly baseline: it takes minutes per fit 
 
 ``--large`` fits a random He 512x512x3x3 weight (float32, as a conv stores it) with this checkout's
 ``gross.btd`` and, interleaved in the same process, with the ``btd`` of the file given to
-``--against`` (an earlier version of ``gross/btd.py``), and writes ``btd_large.{json,md}``.
+``--against`` (an earlier version of ``gross/btd.py``), and writes ``btd_large.{json,md}``; with
+``--weights`` it does the same on those layers at every power-of-two group size below ``C_in``
+(``btd_against_trained.{json,md}``).
 ``--series`` times ``gross.btd`` at every power-of-two group size up to ``C_in`` for every 3x3 conv
 of an ImageNet ResNet-18 (all but the 7x7 stem) or VGG-16 (all but the first conv), on random He
 weights of the real shapes (no trained ImageNet weights are available offline); ``--distinct`` fits
@@ -226,32 +228,41 @@ def timed_fit(btd_fn, conditioning_fn, w: torch.Tensor, g: int) -> dict:
 
 
 def large(args: argparse.Namespace, out: Path) -> None:
-    """512x512x3x3 He weight: this checkout against ``--against``, interleaved per group size."""
-    w = he_weight(512, 512, torch.Generator().manual_seed(0))
+    """This checkout against ``--against``, interleaved per case, on a 512x512x3x3 He weight at
+    ``--sizes`` or, with ``--weights``, on those layers at every power-of-two size below ``C_in``."""
+    if args.weights:
+        layers, source = load_layers(args.weights, quick=True)
+        cases = [(name, w, 2**j) for name, w in layers for j in range(w.shape[1].bit_length() - 1)]
+        stem, title = "btd_against_trained", "gross.btd on trained layers, before and after"
+    else:
+        w = he_weight(512, 512, torch.Generator().manual_seed(0))
+        cases = [("he512", w, int(s)) for s in args.sizes.split(",")]
+        source = "random He 512x512x3x3, float32, seed 0"
+        stem, title = "btd_large", "gross.btd on a 512-channel layer, before and after"
     other = load_btd(args.against) if args.against else None
     rows = []
-    for g in [int(s) for s in args.sizes.split(",")]:
-        row = {"g": g}
+    for name, w, g in cases:
+        row = {"layer": name, "c_out": w.shape[0], "c_in": w.shape[1], "g": g}
         if other is not None:
             row["before"] = timed_fit(other.btd, other.conditioning, w, g)
         row["after"] = timed_fit(btd, conditioning, w, g)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    settings = {"weight": "random He 512x512x3x3, float32, seed 0", "against": args.against, "threads": args.threads,
+    settings = {"weights": source, "against": args.against, "threads": args.threads,
                 "torch": torch.__version__, "load_average_at_start": os.getloadavg()}
-    (out / "btd_large.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
-    lines = ["| g | before (s) | steps | error | kappa | after (s) | steps | error | kappa | speed-up | error change |",
-             "|" + " --- |" * 11]
+    (out / f"{stem}.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
+    lines = ["| layer | g | before (s) | steps | error | kappa | after (s) | steps | error | kappa | speed-up | error change |",
+             "|" + " --- |" * 12]
     for r in rows:
         a, b = r["after"], r.get("before")
+        after = f"{a['time_s']:.2f} | {a['steps']} | {a['error']:.4f} | {a['kappa']:.2f}"
         if b is None:
-            lines.append(f"| {r['g']} | - | - | - | - | {a['time_s']:.1f} | {a['steps']} | {a['error']:.4f} | {a['kappa']:.2f} | - | - |")
+            lines.append(f"| {r['layer']} | {r['g']} | - | - | - | - | {after} | - | - |")
         else:
-            lines.append(f"| {r['g']} | {b['time_s']:.1f} | {b['steps']} | {b['error']:.4f} | {b['kappa']:.2f} "
-                         f"| {a['time_s']:.1f} | {a['steps']} | {a['error']:.4f} | {a['kappa']:.2f} "
-                         f"| {b['time_s'] / a['time_s']:.1f}x | {100 * (a['error'] / b['error'] - 1):+.2f}% |")
+            lines.append(f"| {r['layer']} | {r['g']} | {b['time_s']:.2f} | {b['steps']} | {b['error']:.4f} | {b['kappa']:.2f} "
+                         f"| {after} | {b['time_s'] / a['time_s']:.1f}x | {100 * (a['error'] / b['error'] - 1):+.2f}% |")
     notes = "\n".join(f"- {k}: {v}" for k, v in settings.items())
-    (out / "btd_large.md").write_text(f"# gross.btd on a 512-channel layer, before and after\n\n{notes}\n\n" + "\n".join(lines) + "\n")
+    (out / f"{stem}.md").write_text(f"# {title}\n\n{notes}\n\n" + "\n".join(lines) + "\n")
 
 
 def step_flops(k: int, o: int, i: int, d: int, g: int, data_products: int, core_ops: int) -> dict[str, float]:

@@ -15,8 +15,9 @@ import os
 import sys
 import textwrap
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch.distributed as dist
 
@@ -30,8 +31,8 @@ from .pipeline import (
     LATENCY_DIR,
     MODEL,
     SEARCH_DIR,
-    STAGES,
     STAGE_DIRS,
+    STAGES,
     USER_ERRORS,
     Context,
     Row,

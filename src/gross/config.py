@@ -24,9 +24,10 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Union
 
 import yaml
 
@@ -67,7 +68,7 @@ class DataConfig:
     dataset: str = "digits"  # "digits" (embedded, 1,797 8x8 digits upsampled to 32x32x3), "cifar10" (looked for in root), or a path to a .npz file, to a folder of train.npz + test.npz or cifar-10-batches-py, or to an image folder train/<class>/<image> (+ optional val/, test/; docs/data.md)
     root: str = "data"  # where "cifar10" is looked for
     download: bool = False  # "cifar10" missing from root: download it there from the official address and check its MD5
-    val_size: Union[int, float] = 0.2  # validation split cut from train: a fraction (< 1) or a number of images (>= 1; CIFAR-10: 10000)
+    val_size: int | float = 0.2  # validation split cut from train: a fraction (< 1) or a number of images (>= 1; CIFAR-10: 10000)
     split_seed: int = 0  # seed of the stratified validation split
     pad: int = 4  # augmentation: zero padding before the random crop back to the input size (authors' code 4, paper text 2; 0: no crop)
     flip: bool = False  # augmentation: horizontal flip with p = 0.5 (off for digits, which are not mirror-symmetric; on in both CIFAR recipes)
@@ -75,12 +76,12 @@ class DataConfig:
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])  # per-channel normalisation std (authors' code 0.5, paper text 0.225)
     eval_batch_size: int = 1000  # batch size of every evaluation
     limit: int = 0  # keep only the first N training images (0: all); for smoke tests
-    image_size: Union[int, list[int], None] = None  # network input size, an int or [height, width]; null: the images' own size (an image folder's images must then share one); image folders are resized to it (docs/data.md)
+    image_size: int | list[int] | None = None  # network input size, an int or [height, width]; null: the images' own size (an image folder's images must then share one); image folders are resized to it (docs/data.md)
     channels: int = 3  # image folders: 3 (RGB) or 1 (grayscale); other modes are converted
     augment: str = "auto"  # training augmentation: pad_crop (pad, random crop, flip), random_resized_crop (scale 0.08-1, ratio 3/4-4/3, flip: ImageNet), none, or auto (random_resized_crop from 128 px, else pad_crop); flips only with data.flip
-    memory_gb: Union[float, None] = None  # image folders whose decoded images fit in this many GiB are held in memory (decoded once, cached), larger ones streamed; null: a quarter of the machine's memory; 0: always stream
-    cache: Union[str, None] = ""  # where decoded in-memory image folders are cached: "" the run folder's data-cache/, a path (shared by runs), or null (decode every time)
-    workers: Union[int, None] = None  # image folders: decoding processes per training process; null: the CPUs available, at most 8
+    memory_gb: float | None = None  # image folders whose decoded images fit in this many GiB are held in memory (decoded once, cached), larger ones streamed; null: a quarter of the machine's memory; 0: always stream
+    cache: str | None = ""  # where decoded in-memory image folders are cached: "" the run folder's data-cache/, a path (shared by runs), or null (decode every time)
+    workers: int | None = None  # image folders: decoding processes per training process; null: the CPUs available, at most 8
     skip_bad: bool = False  # image folders: skip unreadable images (counted in the log) instead of stopping at the first
 
 
@@ -88,7 +89,7 @@ class DataConfig:
 class ModelConfig:
     name: str = "paper"  # a built-in network (paper, resnet20, resnet18, vgg16_bn), package.module:callable, or path/to/file.py:callable (relative to the current folder)
     kwargs: dict = field(default_factory=dict)  # constructor arguments, e.g. {widths: [32, 32, 64, 64], fc_std: 0.01}; num_classes, in_channels and image_size come from the data where the constructor takes them and they are not given
-    weights: Union[str, None] = None  # trained weights to start from (.safetensors, or .pt/.pth/.bin read with weights_only=True; nested under state_dict/model/model_state_dict and a module. prefix accepted): the base stage adopts them instead of training
+    weights: str | None = None  # trained weights to start from (.safetensors, or .pt/.pth/.bin read with weights_only=True; nested under state_dict/model/model_state_dict and a module. prefix accepted): the base stage adopts them instead of training
 
 
 @dataclass
@@ -120,10 +121,10 @@ class TrainConfig(OptimConfig):
 class DecomposeConfig:
     skip: list[str] = field(default_factory=list)  # module names, or shell-style patterns (layer1.*.conv2), left alone
     only: list[str] = field(default_factory=list)  # if given, only convs whose names match one of these shell-style patterns are decomposed
-    group_sizes: Union[list[int], None] = None  # candidate group sizes of every layer (those dividing its width are kept); null: every power of two
+    group_sizes: list[int] | None = None  # candidate group sizes of every layer (those dividing its width are kept); null: every power of two
     nested: bool = False  # fit each group size warm-started from the previous one (smaller difference terms); false: independently, as the paper (the default until a full experiment compares the trained spaces)
     btd: dict = field(default_factory=lambda: {"max_iter": 200})  # options of gross.btd (tol, max_iter, seed); the paper: tol 1e-6
-    device: Union[str, None] = None  # where the fits run: cpu, cuda, cuda:N or auto; null: the run's device
+    device: str | None = None  # where the fits run: cpu, cuda, cuda:N or auto; null: the run's device
 
 
 @dataclass
@@ -191,7 +192,7 @@ class SearchConfig:
     """Searching the trained GroSS space for the best configuration within a budget (gross search)."""
 
     strategy: str = "auto"  # exhaustive, beam, evolution, or auto: exhaustive when at most max_configs configurations fit the budget, else beam
-    budget: Union[str, float, None] = "uniform:16"  # largest cost allowed: "uniform:G" (the cost of every layer at group size G), "P%" (of the original network's cost, e.g. 50%), a number (MACs; ms with cost: latency), or null (no limit)
+    budget: str | float | None = "uniform:16"  # largest cost allowed: "uniform:G" (the cost of every layer at group size G), "P%" (of the original network's cost, e.g. 50%), a number (MACs; ms with cost: latency), or null (no limit)
     cost: str = "macs"  # macs, or latency: the predicted ms of the latency table (gross latency)
     latency_table: str = "latency/table.json"  # the table that cost: latency uses (a relative path is inside the run folder)
     max_configs: int = 5000  # most configurations the exhaustive search scores (auto: beam above that)
@@ -220,7 +221,7 @@ class LatencyConfig:
 class ExportConfig:
     """The plain network at one configuration (gross export)."""
 
-    config: Union[list[int], None] = None  # group size per GroSS layer in module order (0: the original dense conv); null: the search's best (search/best.json)
+    config: list[int] | None = None  # group size per GroSS layer in module order (0: the original dense conv); null: the search's best (search/best.json)
     fuse: str = "none"  # none: every layer as its bottleneck (the MACs the search counted); auto: bottlenecks that the latency table (measured when missing) says are slower than one dense conv become that conv (same outputs); all
     onnx: bool = True  # also write net.onnx (needs the export extras onnx and onnxscript; checked against torch with onnxruntime when installed)
     opset: int = 18  # ONNX opset (17 or later)
@@ -230,7 +231,7 @@ class ExportConfig:
 class Config:
     name: str = "digits"  # run folder: RUNS/NAME
     runs: str = "runs"  # parent folder of run folders
-    recipe: Union[str, None] = None  # null: the settings as given; authors: the released code's CIFAR recipe (trains); paper: the paper's literal text; see RECIPES
+    recipe: str | None = None  # null: the settings as given; authors: the released code's CIFAR recipe (trains); paper: the paper's literal text; see RECIPES
     device: str = "auto"  # cpu, cuda, cuda:N, or auto (cuda when available)
     threads: int = 0  # torch CPU threads (0: torch's default); latency timing gives onnxruntime as many
     channels_last: bool = True  # channels-last memory format for images and conv weights (about 1.5x faster on CPU)

@@ -25,8 +25,9 @@ from __future__ import annotations
 import copy
 import json
 import os
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
-from typing import Collection, Literal, Mapping, Sequence, Union
+from typing import Literal
 
 import torch
 from safetensors import SafetensorError
@@ -45,7 +46,7 @@ __all__ = ["export", "save", "load", "export_onnx", "export_program", "ARCH_ATTR
 ARCH_ATTR = "gross_arch"  # optional model attribute {"name": model name or reference, "kwargs": {...}}
 EXPORT_ATTR = "gross_export"  # set by export(): {layer name: {"choice": size or "dense", "fused": bool}}
 
-Fuse = Union[bool, Literal["auto"], Collection[str]]
+Fuse = bool | Literal["auto"] | Collection[str]
 
 _FORMAT = "gross-export"
 _VERSION = 1

@@ -373,7 +373,7 @@ class ImageFiles(ImageSet):
         lists = [index.cpu().tolist() for index in index_batches]
         paths = [str(self.root / p) for p in self.paths]
         loader = _loader(paths, self.decode, lists, self.workers, _collate_images, pin=device.type == "cuda")
-        for index, x, errors in loader:
+        for _index, x, errors in loader:
             if errors:
                 i, err = errors[0]
                 raise DataError(

@@ -56,9 +56,10 @@ import math
 import os
 import platform
 import time
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Hashable, Iterator, Mapping, Sequence, TypeVar, Union
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -82,7 +83,7 @@ __all__ = [
 ]
 
 DENSE = "dense"
-Choice = Union[int, str]  # a group size, or DENSE for the original (dense) convolution
+Choice = int | str  # a group size, or DENSE for the original (dense) convolution
 K = TypeVar("K", bound=Hashable)
 
 _FORMAT = "gross-latency-table"
@@ -271,7 +272,7 @@ class LatencyTable:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping) -> "LatencyTable":
+    def from_dict(cls, data: Mapping) -> LatencyTable:
         """Inverse of :meth:`to_dict`; a malformed dict raises ValueError."""
         if not isinstance(data, Mapping) or data.get("format") != _FORMAT:
             raise ValueError(f"not a latency table (expected format {_FORMAT!r})")
@@ -296,7 +297,7 @@ class LatencyTable:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "LatencyTable":
+    def load(cls, path: str | os.PathLike) -> LatencyTable:
         try:
             data = json.loads(Path(path).read_text())
         except json.JSONDecodeError as e:

@@ -11,14 +11,14 @@ conv's shape and MACs), the choice a search has where that is cheaper than every
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import nn
 
 from .latency import DENSE, Choice, normalize_choice
-from .model import Config, gross_layers, set_config, get_config
+from .model import Config, get_config, gross_layers, set_config
 from .series import GroSSConv2d
 
 __all__ = ["MACs", "MACsTable", "macs_table", "count_macs"]

@@ -9,8 +9,9 @@ from __future__ import annotations
 import fnmatch
 import logging
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, Sequence, Union
+from typing import Union
 
 import torch
 from torch import nn

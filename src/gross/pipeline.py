@@ -57,9 +57,10 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -67,7 +68,16 @@ from tqdm import tqdm
 
 from . import __version__
 from .btd import conditioning
-from .checkpoint import CheckpointError, atomic_write, describe_arch, load_model, make_arch, python_arch_name, read_meta, save_model
+from .checkpoint import (
+    CheckpointError,
+    atomic_write,
+    describe_arch,
+    load_model,
+    make_arch,
+    python_arch_name,
+    read_meta,
+    save_model,
+)
 from .config import Config, ConfigError, config_to_dict, dump_config
 from .data import DataError, Splits
 from .export import export_onnx, export_program
@@ -1098,7 +1108,7 @@ def _export_into(ctx: Context, tmp: Path, model: torch.nn.Module, arch: dict, ba
     recorded = json.loads((tmp / "net.json").read_text())["arch"]  # where the architecture comes from
     # Reloaded as a user will: by its name, or into a fresh base network where it was given in Python.
     exported = load_export(tmp, model=copy.deepcopy(base) if recorded["source"] == "python" else None).to(ctx.device)
-    record = {name: info for name, info in getattr(exported, "gross_export").items()}
+    record = {name: info for name, info in exported.gross_export.items()}
     fused = [name for name, info in record.items() if info["fused"]]
     # Why each layer was fused or not: the table's times (fuse auto).
     fuse_times = {

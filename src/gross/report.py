@@ -17,13 +17,13 @@ import csv
 import math
 import os
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence, Union
 
 __all__ = ["pareto_front", "read_results", "write_report"]
 
 Row = Mapping[str, object]
-Rows = Union[str, os.PathLike, Sequence[Row]]
+Rows = str | os.PathLike | Sequence[Row]
 
 _OPTIONAL = (("test_acc", "test acc"), ("latency_ms", "latency (ms)"), ("params", "params"))
 # gross.search writes results.csv with these column names.
@@ -307,8 +307,8 @@ def _plot_front(
 
 
 def _plot_sizes(front: Sequence[Row], path: Path, cost_key: str, layer_names: Sequence[str] | None) -> Path:
-    from matplotlib.figure import Figure
     import numpy as np
+    from matplotlib.figure import Figure
 
     n_layers = max(len(r["config"]) for r in front)
     names = list(layer_names) if layer_names and len(layer_names) == n_layers else [f"layer {i + 1}" for i in range(n_layers)]

@@ -22,8 +22,8 @@ import contextlib
 import copy
 import logging
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from types import ModuleType
-from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -97,7 +97,7 @@ def onnx_program(
     opset: int = 18,
     dynamic_batch: bool = False,
     input_names: Sequence[str] | None = None,
-) -> "torch.onnx.ONNXProgram":
+) -> torch.onnx.ONNXProgram:
     """``module`` traced in eval mode on ``inputs`` as one self-contained ONNX program.
 
     Uses torch's ``torch.export``-based exporter (``dynamo=True``); an ``opset`` below 18 is
@@ -135,7 +135,7 @@ def onnx_program(
         )
 
 
-def _session(program: "torch.onnx.ONNXProgram", threads: int):
+def _session(program: torch.onnx.ONNXProgram, threads: int):
     ort = require_onnxruntime()
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads

@@ -28,6 +28,7 @@ initialised.
 from __future__ import annotations
 
 import csv
+import functools
 import itertools
 import json
 import logging
@@ -35,9 +36,10 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Collection, Iterable, Iterator, Mapping, Sequence, Union
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -93,7 +95,7 @@ FUSED_LATENCY = "latency_ms_fused"  # the name of a latency cost with the dense 
 Configuration = tuple[int, ...]  # one group size per GroSS layer, in module order
 CostFn = Callable[[Configuration], float]
 Batches = Sequence[tuple[Tensor, Tensor]]
-Data = Union[ImageSet, Batches, Callable[[], Iterable[tuple[Tensor, Tensor]]]]
+Data = ImageSet | Batches | Callable[[], Iterable[tuple[Tensor, Tensor]]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -943,7 +945,7 @@ def beam(objective: Objective, *, width: int = 4) -> tuple[Configuration, float]
     if width < 1:
         raise ValueError(f"width must be >= 1, got {width}")
     kept: list[Configuration] = [()]
-    for i, sizes in enumerate(objective.space):
+    for _i, sizes in enumerate(objective.space):
         completed: dict[Configuration, Configuration] = {}
         for prefix in kept:
             for s in sizes:
@@ -1060,7 +1062,7 @@ def evolution(
 
     while room() > 0:
         parents = sorted(scores, key=lambda c: -scores[c])[:n_parents]
-        children = draw_new(min(population - len(parents), room()), lambda: child_of(parents))
+        children = draw_new(min(population - len(parents), room()), functools.partial(child_of, parents))
         if not children:
             break  # every configuration within reach of the parents is scored
         scores = {c: scores[c] for c in parents}

@@ -14,7 +14,7 @@ small group size costs what the small network costs.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -127,7 +127,7 @@ class GroSSConv2d(nn.Module):
         width: int | None = None,
         progress: Callable[[int], None] | None = None,
         **btd_options,
-    ) -> "GroSSConv2d":
+    ) -> GroSSConv2d:
         """Decompose a trained ``nn.Conv2d`` at every group size and store the series.
 
         Parameters
