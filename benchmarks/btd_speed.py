@@ -240,6 +240,7 @@ def large(args: argparse.Namespace, out: Path) -> None:
         source = "random He 512x512x3x3, float32, seed 0"
         stem, title = "btd_large", "gross.btd on a 512-channel layer, before and after"
     other = load_btd(args.against) if args.against else None
+    load_at_start = os.getloadavg()
     rows = []
     for name, w, g in cases:
         row = {"layer": name, "c_out": w.shape[0], "c_in": w.shape[1], "g": g}
@@ -248,8 +249,8 @@ def large(args: argparse.Namespace, out: Path) -> None:
         row["after"] = timed_fit(btd, conditioning, w, g)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    settings = {"weights": source, "against": args.against, "threads": args.threads,
-                "torch": torch.__version__, "load_average_at_start": os.getloadavg()}
+    settings = {"weights": source, "against": args.against, "threads": args.threads, "torch": torch.__version__,
+                "load_average_at_start": load_at_start, "load_average_at_end": os.getloadavg()}
     (out / f"{stem}.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
     lines = ["| layer | g | before (s) | steps | error | kappa | after (s) | steps | error | kappa | speed-up | error change |",
              "|" + " --- |" * 12]
@@ -291,6 +292,7 @@ def step_flops(k: int, o: int, i: int, d: int, g: int, data_products: int, core_
 def profile(args: argparse.Namespace, out: Path) -> None:
     """Seconds per ALS step against the step's arithmetic at the matrix-product rate of this run."""
     other = load_btd(args.against) if args.against else None
+    load_at_start = os.getloadavg()
     a = torch.randn(2048, 2048, dtype=torch.float64)
     a @ a
     start = time.perf_counter()
@@ -324,7 +326,8 @@ def profile(args: argparse.Namespace, out: Path) -> None:
             print(json.dumps({"c": c, "g": g, **{v[0]: f"{row[v[0]]['step_s'] * 1e3:.1f} ms, "
                               f"{row[v[0]]['step_s'] / row[v[0]]['arithmetic_s']:.1f}x arithmetic" for v in versions}}), flush=True)
     settings = {"matmul_rate_gflops": rate / 1e9, "threads": args.threads, "against": args.against,
-                "weights": "random He CxCx3x3 (float32 data products after, float64 before)", "load_average_at_start": os.getloadavg()}
+                "weights": "random He CxCx3x3 (float32 data products after, float64 before)",
+                "load_average_at_start": load_at_start, "load_average_at_end": os.getloadavg()}
     (out / "btd_profile.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
     names = [v[0] for v in versions]
     head = "| C | g | " + " | ".join(f"{n}: ms/step | {n}: GFLOP/step | {n}: time / arithmetic" for n in names) + " |"
@@ -346,6 +349,7 @@ def series(args: argparse.Namespace, out: Path) -> None:
     gen = torch.Generator().manual_seed(0)
     fitted: dict[tuple[int, int], list[dict]] = {}  # with --distinct: one conv per shape, shared by the networks
     how = "estimated: one conv per distinct shape, times its count" if args.distinct else "measured: every conv"
+    load_at_start = os.getloadavg()
     for net in nets:
         fits, total = [], 0.0
         for c_out, c_in in SERIES_CONVS[net]:
@@ -364,7 +368,7 @@ def series(args: argparse.Namespace, out: Path) -> None:
             total += sum(f["time_s"] for f in layer)
         settings = {"network": net, "convs": len(SERIES_CONVS[net]), "how": how,
                     "weights": "random He of the real shapes, float32", "threads": args.threads,
-                    "torch": torch.__version__, "load_average_at_start": os.getloadavg()}
+                    "torch": torch.__version__, "load_average_at_start": load_at_start, "load_average_at_end": os.getloadavg()}
         (out / f"btd_series_{net}.json").write_text(json.dumps({"settings": settings, "total_s": total, "fits": fits}, indent=2) + "\n")
         lines = [f"# gross.btd series of {net}: {total:.0f} s ({how})", ""]
         lines += [f"- {k}: {v}" for k, v in settings.items()]

@@ -58,6 +58,10 @@ default tol on random He weights, where the error still falls by 1e-5 to 1e-4 pe
 fit stops, unchanged by this version. The 3x3 starts were worse: LAPACK's SVD of the unfoldings
 (and of the deflation start's small matrices, slowed 60x by two oversubscribed threads) took
 40-125 s of a 512-channel fit; they are now ``eigh`` of Gram matrices and a float32 residual.
+Whole fits of a 512x512x3x3 He weight (float32), before and after in one process
+(``--large --against OLD``, ``benchmarks/results/btd_large.md``, same machine, load 3-8):
+g = 8: 261 -> 206 s, g = 64: 418 -> 252 s, g = 256: 602 -> 439 s (1.3-1.7x), errors within
+0.1% of each other and kappa 1.29-1.34 in both; 117-172 steps each.
 
 Conditioning
 ------------
