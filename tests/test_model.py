@@ -113,6 +113,11 @@ def test_decompose_leaves_1x1_depthwise_and_unmatched_convs_dense():
     assert [p.name for p in gross.model.plan_decomposition(model, only=["*"]) if p.sizes] == ["0", "2"]
     assert [p.name for p in gross.model.plan_decomposition(model, only=["1", "2"]) if p.sizes] == ["1", "2"]
     assert [p.name for p in gross.model.plan_decomposition(model, skip=["[02]"]) if p.sizes] == []
+    # A module's name covers the convs inside it.
+    nested = nn.Sequential(nn.Sequential(nn.Conv2d(8, 8, 3), nn.Conv2d(8, 8, 3)), nn.Conv2d(8, 8, 3))
+    assert [p.name for p in gross.model.plan_decomposition(nested, skip=["0"]) if p.sizes] == ["1"]
+    assert [p.name for p in gross.model.plan_decomposition(nested, only=["0"]) if p.sizes] == ["0.0", "0.1"]
+    assert [p.name for p in gross.model.plan_decomposition(nested, only=["0.1"]) if p.sizes] == ["0.1"]
 
 
 def test_sample_config_is_deterministic_and_tempered():

@@ -75,7 +75,10 @@ class PlannedConv:
 
 
 def _matches(name: str, patterns: Sequence[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+    """Whether a pattern matches the module or one of the modules it sits in (``layer1`` covers ``layer1.0.conv1``)."""
+    parts = name.split(".")
+    scopes = [".".join(parts[: i + 1]) for i in range(len(parts))]
+    return any(fnmatch.fnmatchcase(scope, p) for p in patterns for scope in scopes)
 
 
 def plan_decomposition(
@@ -162,10 +165,10 @@ def decompose(
         width is an error. Default: every power of two dividing the width.
     skip : iterable of str
         Module names (as in ``named_modules``) or shell-style patterns (``layer1.*.conv2``) to
-        leave alone.
+        leave alone; a name covers the convs inside that module (``layer1``, ``stem``).
     only : iterable of str
-        If given, only convs matching one of these names or patterns are decomposed; a 1x1 conv
-        is decomposed when named here exactly.
+        If given, only convs matching (or inside a module matching) one of these names or
+        patterns are decomposed; a 1x1 conv is decomposed when named here exactly.
     nested : bool
         See :meth:`GroSSConv2d.from_conv`.
     progress : callable(name, index, total, group_size, done, work), optional
