@@ -7,6 +7,7 @@ as a tuple or as a dict ``name -> size``.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -199,15 +200,17 @@ def decompose(
         conv = model.get_submodule(name)
         costs.append(float(conv.weight.numel() * (btd_options.get("width") or conv.in_channels)))
     work, done = sum(c * len(sizes) for c, (_, sizes) in zip(costs, chosen)), 0.0
+
+    def report(name: str, index: int, sizes: Sequence[int], before: float, size: int) -> None:
+        if progress is not None:
+            progress(name, index, len(chosen), size, before + sorted(sizes).index(size) * costs[index], work)
+
     for i, (name, sizes) in enumerate(chosen):
         conv = model.get_submodule(name)
         start = time.perf_counter()
-
-        def report(size: int) -> None:
-            if progress is not None:
-                progress(name, i, len(chosen), size, done + sorted(sizes).index(size) * costs[i], work)
-
-        layer = GroSSConv2d.from_conv(conv, group_sizes=sizes, nested=nested, progress=report, **btd_options)
+        layer = GroSSConv2d.from_conv(
+            conv, group_sizes=sizes, nested=nested, progress=functools.partial(report, name, i, sizes, done), **btd_options
+        )
         done += costs[i] * len(sizes)
         layer.train(conv.training)
         _replace(model, name, layer)
