@@ -68,7 +68,6 @@ def cifar_folder(work: Path) -> Path:
 
 
 def decode_rates(work: Path, n32: int, n224: int) -> list[dict]:
-    rng = np.random.default_rng(0)
     with np.load(CIFAR / "test.npz") as f:
         small = f["x"][:n32]
     # Photographs are smooth, not noise: CIFAR images upsampled to 224 px compress like photos.

@@ -12,7 +12,6 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Union
 
 import torch
 from torch import nn
@@ -41,8 +40,8 @@ __all__ = [
 
 log = logging.getLogger("gross")
 
-Config = Union[Sequence[int], Mapping[str, int]]
-GroupSizes = Union[None, Sequence[int], Mapping[str, Sequence[int]]]
+Config = Sequence[int] | Mapping[str, int]
+GroupSizes = None | Sequence[int] | Mapping[str, Sequence[int]]
 
 
 def gross_layers(model: nn.Module) -> list[tuple[str, GroSSConv2d]]:

@@ -992,7 +992,11 @@ def finetune(
 
 
 def decompose_fixed(
-    model: nn.Module, config: Mapping[str, int], *, progress: Callable[[str, int, int], None] | None = None, **btd_options: Any
+    model: nn.Module,
+    config: Mapping[str, int],
+    *,
+    progress: Callable[[str, int, int, int, float, float], None] | None = None,
+    **btd_options: Any,
 ) -> nn.Module:
     """Replace each named conv by a GroSS layer with that single group size, in place.
 
