@@ -109,7 +109,7 @@ def plot(summary: dict, path: Path) -> None:
 
     variants = summary["variants"]
     configs = list(next(iter(variants.values()))["gap"])
-    fig, ax = plt.subplots(figsize=(9, 4))
+    fig, ax = plt.subplots(figsize=(9, 5))
     width = 0.8 / len(variants)
     for i, (name, v) in enumerate(variants.items()):
         ax.bar([j + i * width for j in range(len(configs))], [v["gap"][c] for c in configs], width,
@@ -118,7 +118,7 @@ def plot(summary: dict, path: Path) -> None:
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(configs))], configs)
     ax.set_ylabel("GroSS minus trained alone (test points)")
     ax.set_title("The GroSS gap per configuration, CIFAR-10 paper network")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2)  # below the axes, off the bars
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
