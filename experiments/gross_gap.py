@@ -12,7 +12,9 @@ again with options beyond the paper (``NAME-VARIANT``, same epochs and seed):
   (``finetune.distill``, ``finetune.temperature``);
 - ``sandwich``: the largest and the smallest configuration trained beside the sampled one every
   step (``finetune.sandwich``);
-- ``distill+sandwich``: both.
+- ``distill+sandwich``: both;
+- ``lr``: the paper's finetuning with another learning rate (``--lr``), which tells how much of
+  the gap is the space's short training rather than its sharing.
 
 The configurations trained alone are not trained here: their test accuracies (each a mean over
 its seeds) come from ``--fixed`` (the paper experiment's summary.json, made from a base network
@@ -44,6 +46,7 @@ VARIANTS = {
     "distill": ["finetune.distill={distill}", "finetune.temperature={temperature}"],
     "sandwich": ["finetune.sandwich=true"],
     "distill+sandwich": ["finetune.distill={distill}", "finetune.temperature={temperature}", "finetune.sandwich=true"],
+    "lr": ["finetune.lr={lr}"],
 }
 GOAL = {"mean_gap": -1.0, "spearman": 0.95, "time_ratio": 2.0}  # issue 19: mean gap at most 1 point, Spearman >= 0.95, <= 2x time
 
@@ -127,9 +130,10 @@ def plot(summary: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("-c", "--config", default="experiments/paper-cifar10-short.yaml")
-    parser.add_argument("--variants", nargs="*", default=list(VARIANTS)[1:], choices=list(VARIANTS)[1:])
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS)[1:4], choices=list(VARIANTS)[1:])
     parser.add_argument("--distill", type=float, default=0.5, help="finetune.distill of the distilling variants")
     parser.add_argument("--temperature", type=float, default=4.0, help="finetune.temperature of the distilling variants")
+    parser.add_argument("--lr", type=float, default=3e-4, help="finetune.lr of the lr variant (the paper: 1e-4)")
     parser.add_argument("--fixed", default="experiments/results/paper-cifar10-short/summary.json",
                         help="summary.json of experiments/paper_cifar10.py: the configurations trained alone")
     parser.add_argument("--out", default="experiments/results/gross-gap")
@@ -155,7 +159,7 @@ def main() -> None:
     }  # fmt: skip
     plain_seconds = epoch_seconds(main_run)
     for variant in ["plain", *args.variants]:
-        settings = [s.format(distill=args.distill, temperature=args.temperature) for s in VARIANTS[variant]]
+        settings = [s.format(distill=args.distill, temperature=args.temperature, lr=args.lr) for s in VARIANTS[variant]]
         run = main_run if variant == "plain" else runs / f"{name}-{variant.replace('+', '-')}"
         if variant != "plain":
             seed_run(main_run, run, ("base", "decompose", "reconstruct"))
