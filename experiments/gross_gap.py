@@ -13,8 +13,9 @@ again with options beyond the paper (``NAME-VARIANT``, same epochs and seed):
 - ``sandwich``: the largest and the smallest configuration trained beside the sampled one every
   step (``finetune.sandwich``);
 - ``distill+sandwich``: both;
-- ``lr``: the paper's finetuning with another learning rate (``--lr``), which tells how much of
-  the gap is the space's short training rather than its sharing.
+- ``lr``: the paper's finetuning at each learning rate of ``--lr`` (variants ``lr=3e-4`` ...,
+  folders ``NAME-lr3e-4`` ...), which tells how much of the gap is the space's short training
+  rather than its sharing.
 
 The configurations trained alone are not trained here: their test accuracies (each a mean over
 its seeds) come from ``--fixed`` (the paper experiment's summary.json, made from a base network
@@ -133,7 +134,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS)[1:4], choices=list(VARIANTS)[1:])
     parser.add_argument("--distill", type=float, default=0.5, help="finetune.distill of the distilling variants")
     parser.add_argument("--temperature", type=float, default=4.0, help="finetune.temperature of the distilling variants")
-    parser.add_argument("--lr", type=float, default=3e-4, help="finetune.lr of the lr variant (the paper: 1e-4)")
+    parser.add_argument("--lr", type=float, nargs="+", default=[3e-4], help="finetune.lr of each lr variant (the paper: 1e-4)")
     parser.add_argument("--fixed", default="experiments/results/paper-cifar10-short/summary.json",
                         help="summary.json of experiments/paper_cifar10.py: the configurations trained alone")
     parser.add_argument("--out", default="experiments/results/gross-gap")
@@ -158,19 +159,21 @@ def main() -> None:
         "goal": GOAL, "variants": {},
     }  # fmt: skip
     plain_seconds = epoch_seconds(main_run)
-    for variant in ["plain", *args.variants]:
-        settings = [s.format(distill=args.distill, temperature=args.temperature, lr=args.lr) for s in VARIANTS[variant]]
-        run = main_run if variant == "plain" else runs / f"{name}-{variant.replace('+', '-')}"
+    runs_to_do = [(v, f"lr={lr:g}", {"lr": lr}) if v == "lr" else (v, v, {}) for v in ["plain", *args.variants]
+                  for lr in (args.lr if v == "lr" else [None])]
+    for variant, key, values in runs_to_do:
+        settings = [s.format(distill=args.distill, temperature=args.temperature, **values) for s in VARIANTS[variant]]
+        run = main_run if variant == "plain" else runs / f"{name}-{key.replace('+', '-').replace('=', '')}"
         if variant != "plain":
             seed_run(main_run, run, ("base", "decompose", "reconstruct"))
             gross("run", *common, "--name", run.name, *[a for s in settings for a in ("--set", s)])
         space = read_space(run)
-        summary["variants"][variant] = {"settings": settings, "run": run.name, **measure(space, alone, epoch_seconds(run), plain_seconds)}
+        summary["variants"][key] = {"settings": settings, "run": run.name, **measure(space, alone, epoch_seconds(run), plain_seconds)}
         summary["seconds_this_call"] = round(time.time() - started, 1)
         (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         (out / "tables.md").write_text(tables(summary))
         plot(summary, out / "gap.png")
-        print(f"[{variant}] mean gap {summary['variants'][variant]['mean_gap']:+.2f}, wrote {out}/summary.json", flush=True)
+        print(f"[{key}] mean gap {summary['variants'][key]['mean_gap']:+.2f}, wrote {out}/summary.json", flush=True)
 
 
 def base_test(run: Path) -> float:
