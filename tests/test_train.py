@@ -565,3 +565,13 @@ def test_distillation_needs_a_teacher():
     _, model = exact_gross_net()
     with pytest.raises(ValueError, match="finetune.distill needs the teacher"):
         train.finetune(model, tiny_splits(), FinetuneConfig(epochs=1, distill=0.5))
+
+
+def test_distillation_leaves_the_teacher_as_it_was():
+    original, model = exact_gross_net()
+    teacher = original.train()
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    train.finetune(model, tiny_splits(), FinetuneConfig(epochs=1, batch_size=32, distill=0.5), teacher=teacher)
+    assert teacher.training and all(p.requires_grad for p in teacher.parameters())
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    assert teacher.conv2.weight.is_contiguous()  # not converted to channels-last

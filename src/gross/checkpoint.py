@@ -224,16 +224,17 @@ def build_from_arch(arch: Mapping[str, Any], template: nn.Module | None = None) 
 
 
 def _check_arch(path: Path, found: Mapping[str, Any], expected: Mapping[str, Any] | None) -> None:
-    if expected is not None and not same_architecture(found, expected) and str(found.get("model")).startswith(PYTHON_PREFIX):
+    if expected is None or same_architecture(found, expected):
+        return
+    if str(found.get("model")).startswith(PYTHON_PREFIX):
         raise CheckpointError(
             f"{path} holds {describe_arch(found)}, which was given in Python, so no name rebuilds it; "
             f"pass the same module again (gross.pipeline.run(cfg, model=...) or gross.pipeline.context(cfg, model=...))"
         )
-    if expected is not None and not same_architecture(found, expected):
-        raise CheckpointError(
-            f"{path} holds {describe_arch(found)} but this run's model is {describe_arch(expected)}; "
-            f"use the run folder it belongs to, or change model: in the configuration"
-        )
+    raise CheckpointError(
+        f"{path} holds {describe_arch(found)} but this run's model is {describe_arch(expected)}; "
+        f"use the run folder it belongs to, or change model: in the configuration"
+    )
 
 
 def _load_state(path: Path, model: nn.Module, state: Mapping[str, Tensor]) -> None:

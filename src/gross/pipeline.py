@@ -252,7 +252,9 @@ def _given_base(ctx: Context, arch: dict) -> tuple[torch.nn.Module, str] | None:
 
 
 def check_settings(ctx: Context) -> None:
-    """Fail before anything is written when the model cannot be built or its weights do not fit it."""
+    """Fail before anything is written when the configured model cannot be built or its weights do not fit it."""
+    if ctx.model is not None:  # a module handed over in Python is built already
+        return
     arch = base_arch(ctx)
     if _given_base(ctx, arch) is None:
         try:

@@ -941,10 +941,10 @@ def finetune(
         raise ValueError("finetune.distill needs the teacher: finetune(..., teacher=original network)")
     dev = _prepare(model, opts.pop("device"), opts["channels_last"])
     if cfg.distill:
+        # A copy: the caller's network (train_fixed's original) keeps its device, format and mode.
+        teacher = copy.deepcopy(teacher)
         _prepare(teacher, dev, opts["channels_last"])
         teacher.eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
     params = gross_parameters(model)
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if cfg.bn_eval else []
     extra = [_max_config(model), _min_config(model)] if cfg.sandwich else []
