@@ -79,7 +79,8 @@ def tables(s: dict) -> str:
         + " | ".join(f"margin, {n}" for n in s["lengths"]) + " | the paper's margin |",
         "| --- | --- |" + " --- |" * (2 * len(s["lengths"]) + 1),
     ]
-    for c in s["configs"]:
+    done = [c for c in s["configs"] if "macs" in s["results"][c]]
+    for c in done:
         row = s["results"][c]
         tests = [fmt([r["test"] for r in row[n].values()]) if row.get(n) else "not run" for n in s["lengths"]]
         margins = [fmt(s["margins"][n][c], sign="+") if c in s["margins"].get(n, {}) else "" for n in s["lengths"]]
@@ -87,7 +88,7 @@ def tables(s: dict) -> str:
         lines.append(f"| {c} | {row['macs'] / 1e6:.2f} M | " + " | ".join(tests) + " | " + " | ".join(margins) + f" | {paper} |")
     lines += ["", "Seconds per network (reconstruction and finetuning):", "", "| configuration | "
               + " | ".join(s["lengths"]) + " |", "| --- |" + " --- |" * len(s["lengths"])]
-    for c in s["configs"]:
+    for c in done:
         row = s["results"][c]
         lines.append(f"| {c} | " + " | ".join(fmt([r["seconds"] for r in row[n].values()], 0) if row.get(n) else "" for n in s["lengths"]) + " |")
     return "\n".join(lines) + "\n"
