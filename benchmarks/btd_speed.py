@@ -316,7 +316,7 @@ def profile(args: argparse.Namespace, out: Path) -> None:
                 times = []
                 for n in (1, 1 + args.profile_steps):
                     start = time.perf_counter()
-                    fit.als(state, 0.0, n)
+                    fit.als(state, 0.0, 0.0, n)
                     times.append(time.perf_counter() - start)
                 step = (times[1] - times[0]) / args.profile_steps
                 flops = step_flops(9, c, c, c, g, data_products, core_ops)

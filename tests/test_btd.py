@@ -162,12 +162,18 @@ def test_one_group_more_outputs_is_best_tucker():
 def test_errors_monotone_and_converged():
     # Plain least squares (penalty 0): the error itself decreases.
     w = he_weight(16, 16, seed=4)
-    fit = btd(w, 4, tol=1e-5, max_iter=1000, penalty=0)
+    fit = btd(w, 4, tol=1e-5, rtol=0, max_iter=1000, penalty=0)
     e = fit.errors
     assert all(b <= a + 1e-12 for a, b in zip(e, e[1:]))
     assert len(e) < 1001 and e[-2] - e[-1] < 1e-5
     assert rel_error(btd_to_weight(fit), w) == pytest.approx(e[-1], abs=1e-12)
     assert 0.0 < e[-1] < e[0] < 1.0
+    # rtol stops where the last ten steps gained less than rtol of the error (penalty 0: the
+    # objective is the error), and not a step earlier.
+    early = btd(w, 4, tol=0, rtol=1e-2, max_iter=1000, penalty=0).errors
+    assert early == e[: len(early)]
+    assert early[-11] - early[-1] < 1e-2 * early[-1]
+    assert all(early[j - 10] - early[j] >= 1e-2 * early[j] for j in range(10, len(early) - 1))
 
 
 @pytest.mark.parametrize("init", ["random", None])

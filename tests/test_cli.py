@@ -73,12 +73,19 @@ def test_recipes():
         ("train.epochs", "is not KEY=VALUE"),
         ("train.batch_size=0", "train.batch_size: expected >= 1"),
         ("evaluate.split=test2", "evaluate.split: expected val or test"),
+        ("decompose.btd.rtl=1e-3", "decompose.btd: unknown options rtl; known: tol, rtol"),
+        ("decompose.btd.max_iter=many", "decompose.btd.max_iter: expected an integer"),
     ],
 )
 def test_bad_settings_are_one_line_errors(override, message):
     with pytest.raises(ConfigError, match=message) as info:
         resolve_config(overrides=[override])
     assert "\n" not in str(info.value)
+
+
+def test_btd_options_are_typed():
+    # YAML 1.1 reads 5e-3 as a string; gross.btd needs the number.
+    assert resolve_config(overrides=["decompose.btd.rtol=5e-3"]).decompose.btd["rtol"] == 0.005
 
 
 def test_parse_override_parses_yaml_values():

@@ -123,7 +123,7 @@ class DecomposeConfig:
     only: list[str] = field(default_factory=list)  # if given, only convs whose names match one of these shell-style patterns are decomposed
     group_sizes: list[int] | None = None  # candidate group sizes of every layer (those dividing its width are kept); null: every power of two
     nested: bool = False  # fit each group size warm-started from the previous one (smaller difference terms); false: independently, as the paper (the default until a full experiment compares the trained spaces)
-    btd: dict = field(default_factory=lambda: {"max_iter": 200})  # options of gross.btd (tol, max_iter, seed); the paper: tol 1e-6
+    btd: dict = field(default_factory=lambda: {"max_iter": 200})  # options of gross.btd (tol, rtol, max_iter, seed); the paper: tol 1e-6, rtol 0
     device: str | None = None  # where the fits run: cpu, cuda, cuda:N or auto; null: the run's device
 
 
@@ -452,6 +452,10 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     return resolve_config([path], overrides)
 
 
+# The options of gross.btd that decompose.btd may set (the series chooses init itself).
+BTD_OPTIONS = {"tol": float, "rtol": float, "max_iter": int, "seed": int, "penalty": float, "width": int}
+
+
 def _validate(cfg: Config) -> None:
     if not cfg.name or "/" in cfg.name or cfg.name in (".", ".."):
         raise ConfigError(f"name: {cfg.name!r} is not a folder name")
@@ -468,6 +472,10 @@ def _validate(cfg: Config) -> None:
     _validate_images(cfg.data)
     if cfg.threads < 0:
         raise ConfigError(f"threads: expected >= 0, got {cfg.threads}")
+    unknown = sorted(set(cfg.decompose.btd) - set(BTD_OPTIONS))
+    if unknown:
+        raise ConfigError(f"decompose.btd: unknown options {', '.join(unknown)}; known: {', '.join(BTD_OPTIONS)}")
+    cfg.decompose.btd = {k: _coerce(v, BTD_OPTIONS[k], f"decompose.btd.{k}") for k, v in cfg.decompose.btd.items()}
     s = cfg.search
     if s.strategy not in SEARCH_STRATEGIES:
         raise ConfigError(f"search.strategy: expected one of {', '.join(SEARCH_STRATEGIES)}, got {s.strategy!r}")
