@@ -81,6 +81,15 @@ def temperature(key: str) -> tuple[float, str]:
     return float(alpha), form or DEFAULT_FORM
 
 
+def space_settings(cfg, key: str) -> dict:
+    """The settings of the space named ``key`` (alpha4, alpha8-literal, nested) under configuration ``cfg``."""
+    alpha, form = (cfg.finetune.alpha, cfg.finetune.sampling) if key == "nested" else temperature(key)
+    f = cfg.finetune
+    return {"alpha": alpha, "sampling": form, "nested": key == "nested", "reconstruct": {"epochs": cfg.reconstruct.epochs, "lr": cfg.reconstruct.lr},
+            "finetune": {"epochs": f.epochs, "lr": f.lr, "distill": f.distill, "temperature": f.temperature, "sandwich": f.sandwich},
+            "btd": cfg.decompose.btd}
+
+
 def read_space(run: Path) -> dict[str, dict]:
     """A run's search/results.csv as {configuration: {val, test (%), macs}}."""
     with open(run / "search" / "results.csv", newline="") as f:
@@ -125,7 +134,7 @@ def stage_seconds(run: Path) -> dict[str, float]:
             out[stage] = round(sum(json.loads(line)["seconds"] for line in path.read_text().splitlines() if line), 1)
     if (run / "decompose" / "model.safetensors").is_file():
         seconds = read_meta(run / "decompose" / "model.safetensors").get("seconds")
-        if seconds is not None:  # gross fixed does not record it
+        if seconds is not None:  # runs of gross fixed before it recorded them have none
             out["decompose"] = round(float(seconds), 1)
     if (run / "search" / "best.json").is_file():
         out["search"] = round(json.loads((run / "search" / "best.json").read_text())["seconds"], 1)
@@ -235,6 +244,7 @@ def main() -> None:
         "found": found,  # by val accuracy averaged over the main space's seeds
         "found_per_seed": found_per_seed,  # what the search of each seed's space alone picks
         "gross": spaces,  # {space: {seed: {configuration: {val, test, macs}}}}
+        "space_settings": {key: space_settings(cfg, key) for key in spaces},  # how each space was decomposed and trained
         # Runs seeded from the main run list its base (and decomposition) seconds again.
         "stage_seconds": {p.name: stage_seconds(p) for p in sorted(runs.glob(f"{name}*")) if p.is_dir()},
         "fixed_stage_seconds": {f"{c}/seed{k}": stage_seconds(seed_folder(k) / "fixed" / c) for c in fixed_scores for k in fixed_scores[c]["test"]},

@@ -516,12 +516,16 @@ def stage_fixed(ctx: Context, config: tuple[int, ...] | dict[str, int], skip_don
         base, _ = _load(ctx, ctx.run_dir / STAGE_DIRS["train"] / MODEL, "train", arch)
         if ctx.lead:
             ctx.log(f"[fixed] {root}: {named}")
+            d = ctx.cfg.decompose
+            start = time.perf_counter()
             bar = _LayerBar(ctx)
             try:
-                model = decompose_fixed(base, named, progress=bar, **ctx.cfg.decompose.btd)
+                model = decompose_fixed(base.to(resolve_device(d.device) if d.device else ctx.device), named, progress=bar, **d.btd)
             finally:
                 bar.close()
-            save_model(out / MODEL, model, make_arch(arch["model"], arch["kwargs"], model), _stage_info(ctx, "decompose"), sidecar=out / ARCH)
+            info = _stage_info(ctx, "decompose")
+            info["seconds"] = round(time.perf_counter() - start, 3)
+            save_model(out / MODEL, model, make_arch(arch["model"], arch["kwargs"], model), info, sidecar=out / ARCH)
         ctx.barrier()
     stage_reconstruct(ctx, skip_done=skip_done, root=root, fixed=True)
     stage_finetune(ctx, skip_done=skip_done, root=root, fixed=True)
