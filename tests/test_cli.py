@@ -75,6 +75,7 @@ def test_recipes():
         ("evaluate.split=test2", "evaluate.split: expected val or test"),
         ("decompose.btd.rtl=1e-3", "decompose.btd: unknown options rtl; known: tol, rtol"),
         ("decompose.btd.max_iter=many", "decompose.btd.max_iter: expected an integer"),
+        ("decompose.workers=0", "decompose.workers: expected >= 1"),
     ],
 )
 def test_bad_settings_are_one_line_errors(override, message):

@@ -150,6 +150,30 @@ def test_a_dict_builds_a_fixed_configuration():
         gross.decompose(small_paper_net(), group_sizes={"fc1": [1]})
 
 
+@pytest.mark.parametrize("nested", [False, True])
+def test_workers_make_the_fits_one_process_makes(nested):
+    # Each fit is deterministic, so processes only change where it runs; the workers run with
+    # one thread each, and so does the reference, which keeps the sums in the same order.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        calls = []
+        shared = gross.decompose(small_paper_net(), nested=nested, max_iter=15, workers=2, progress=lambda *a: calls.append(a))
+        torch.set_num_threads(1)
+        alone = gross.decompose(small_paper_net(), nested=nested, max_iter=15)
+    finally:
+        torch.set_num_threads(threads)
+    assert gross.search_space(shared) == gross.search_space(alone)
+    for (name, a), (_, b) in zip(gross.gross_layers(shared), gross.gross_layers(alone)):
+        for s in a.group_sizes:
+            torch.testing.assert_close(a.dense_weight(s), b.dense_weight(s), rtol=0, atol=0, msg=f"{name} at {s}")
+    fits = sum(len(layer.group_sizes) for _, layer in gross.gross_layers(alone))
+    assert len(calls) == (len(gross.gross_layers(alone)) if nested else fits)
+    assert calls[-1][4] == pytest.approx(calls[-1][5])  # done == work at the end
+    with pytest.raises(ValueError, match="workers must be a positive int"):
+        gross.decompose(small_paper_net(), workers=0)
+
+
 # --- BatchNorm recalibration -----------------------------------------------------------------------
 
 

@@ -125,6 +125,7 @@ class DecomposeConfig:
     nested: bool = False  # fit each group size warm-started from the previous one (smaller difference terms); false: independently, as the paper (the default until a full experiment compares the trained spaces)
     btd: dict = field(default_factory=lambda: {"max_iter": 200})  # options of gross.btd (tol, rtol, max_iter, seed); the paper: tol 1e-6, rtol 0
     device: str | None = None  # where the fits run: cpu, cuda, cuda:N or auto; null: the run's device
+    workers: int = 1  # processes fitting at once on a CPU, sharing the run's threads (gross.decompose); 1: one fit at a time
 
 
 @dataclass
@@ -472,6 +473,8 @@ def _validate(cfg: Config) -> None:
     _validate_images(cfg.data)
     if cfg.threads < 0:
         raise ConfigError(f"threads: expected >= 0, got {cfg.threads}")
+    if cfg.decompose.workers < 1:
+        raise ConfigError(f"decompose.workers: expected >= 1, got {cfg.decompose.workers}")
     unknown = sorted(set(cfg.decompose.btd) - set(BTD_OPTIONS))
     if unknown:
         raise ConfigError(f"decompose.btd: unknown options {', '.join(unknown)}; known: {', '.join(BTD_OPTIONS)}")

@@ -6,9 +6,11 @@ as a tuple or as a dict ``name -> size``.
 
 from __future__ import annotations
 
+import concurrent.futures
 import fnmatch
 import functools
 import logging
+import multiprocessing
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -17,7 +19,7 @@ import torch
 from torch import nn
 
 from .sampling import DEFAULT_FORM, sample_index
-from .series import GroSSConv2d, default_group_sizes
+from .series import GroSSConv2d, default_group_sizes, fit_series
 
 __all__ = [
     "Config",
@@ -145,6 +147,7 @@ def decompose(
     nested: bool = False,
     only: Iterable[str] = (),
     progress: Callable[[str, int, int, int, float, float], None] | None = None,
+    workers: int = 1,
     **btd_options,
 ) -> nn.Module:
     """Replace every eligible ``nn.Conv2d`` of ``model`` by a :class:`GroSSConv2d`, in place.
@@ -176,7 +179,15 @@ def decompose(
         ``done`` of ``work`` is the estimated cost of the fits finished of all fits, counted as
         ``weight.numel() * D`` per fit (the arithmetic of a step's products with the weight,
         which dominates on large layers), so that ``elapsed * (work - done) / done`` estimates
-        the time left.
+        the time left. With ``workers``, called as each fit finishes (``group_size``: the
+        one that finished).
+    workers : int
+        Processes fitting at once, each with ``torch.get_num_threads() // workers`` threads
+        (at least one): the fits of every layer and size (of every layer, when ``nested``) are
+        shared out, largest first. A fit's many small products use threads poorly, so on a
+        CPU with several cores this is faster than one fit at a time (``benchmarks/btd_speed.py
+        --series``). Each process starts by importing torch, which costs a few seconds: worth
+        it for large layers only. Weights on a GPU are fitted one at a time.
     **btd_options
         Passed to :func:`gross.btd`.
 
@@ -204,17 +215,68 @@ def decompose(
         if progress is not None:
             progress(name, index, len(chosen), size, before + sorted(sizes).index(size) * costs[index], work)
 
+    if not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a positive int, got {workers!r}")
+    on_cpu = all(model.get_submodule(name).weight.device.type == "cpu" for name, _ in chosen)
+    fits = _fit_concurrently(model, chosen, costs, work, nested, workers, progress, btd_options) if workers > 1 and on_cpu else {}
     for i, (name, sizes) in enumerate(chosen):
         conv = model.get_submodule(name)
         start = time.perf_counter()
         layer = GroSSConv2d.from_conv(
-            conv, group_sizes=sizes, nested=nested, progress=functools.partial(report, name, i, sizes, done), **btd_options
-        )
+            conv, group_sizes=sizes, nested=nested, progress=functools.partial(report, name, i, sizes, done),
+            fits=fits.get(name), **btd_options,
+        )  # fmt: skip
         done += costs[i] * len(sizes)
         layer.train(conv.training)
         _replace(model, name, layer)
-        log.info("decompose: %s %s in %.2fs", name, sizes, time.perf_counter() - start)
+        if name not in fits:
+            log.info("decompose: %s %s in %.2fs", name, sizes, time.perf_counter() - start)
     return model
+
+
+def _fit_job(weight: torch.Tensor, sizes: Sequence[int], width: int, nested: bool, threads: int, options: dict) -> list:
+    """One worker's job: the fits of one layer at ``sizes`` (module level, so that it pickles)."""
+    torch.set_num_threads(threads)
+    return fit_series(weight, sizes, width, nested, **options)
+
+
+def _fit_concurrently(
+    model: nn.Module,
+    chosen: Sequence[tuple[str, Sequence[int]]],
+    costs: Sequence[float],
+    work: float,
+    nested: bool,
+    workers: int,
+    progress: Callable[[str, int, int, int, float, float], None] | None,
+    options: dict,
+) -> dict[str, list]:
+    """Every layer's fits (smallest size first) made by ``workers`` processes: ``{name: [BTD, ...]}``."""
+    width = options.get("width")
+    options = {k: v for k, v in options.items() if k != "width"}
+    jobs = []  # (estimated cost, layer index, sizes): one per layer when nested (a chain), else one per fit
+    for i, (_, sizes) in enumerate(chosen):
+        # A fit's steps cost about weight.numel() * D * (1 + g / 32) (the data products, then the core's operators).
+        per_size = {s: costs[i] * (1 + s / 32) for s in sizes}
+        jobs += [(sum(per_size.values()), i, tuple(sorted(sizes)))] if nested else [(per_size[s], i, (s,)) for s in sizes]
+    jobs.sort(key=lambda job: -job[0])
+    threads = max(1, torch.get_num_threads() // workers)
+    results: dict[int, dict[int, object]] = {i: {} for i in range(len(chosen))}
+    done = 0.0
+    context = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools
+    with concurrent.futures.ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
+        futures = {}
+        for _, i, sizes in jobs:
+            name = chosen[i][0]
+            conv = model.get_submodule(name)
+            futures[pool.submit(_fit_job, conv.weight.detach(), sizes, width or conv.in_channels, nested, threads, options)] = (i, sizes)
+        for future in concurrent.futures.as_completed(futures):
+            i, sizes = futures[future]
+            for s, fit in zip(sizes, future.result()):
+                results[i][s] = fit
+            done += costs[i] * len(sizes)
+            if progress is not None:
+                progress(chosen[i][0], i, len(chosen), sizes[-1], done, work)
+    return {chosen[i][0]: [fits[s] for s in sorted(fits)] for i, fits in results.items()}
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:

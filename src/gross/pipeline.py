@@ -443,7 +443,7 @@ def stage_decompose(ctx: Context, skip_done: bool = False) -> None:
             # gross.btd fits each weight on the device it is on.
             fit_on = resolve_device(d.device) if d.device else ctx.device
             model = decompose(base.to(fit_on), group_sizes=d.group_sizes, skip=d.skip, only=d.only, nested=d.nested,
-                              progress=bar, **d.btd)
+                              progress=bar, workers=d.workers, **d.btd)
         finally:
             bar.close()
         seconds = time.perf_counter() - start
@@ -520,7 +520,7 @@ def stage_fixed(ctx: Context, config: tuple[int, ...] | dict[str, int], skip_don
             start = time.perf_counter()
             bar = _LayerBar(ctx)
             try:
-                model = decompose_fixed(base.to(resolve_device(d.device) if d.device else ctx.device), named, progress=bar, **d.btd)
+                model = decompose_fixed(base.to(resolve_device(d.device) if d.device else ctx.device), named, progress=bar, workers=d.workers, **d.btd)
             finally:
                 bar.close()
             info = _stage_info(ctx, "decompose")

@@ -39,6 +39,27 @@ def default_group_sizes(width: int) -> tuple[int, ...]:
     return tuple(sizes)
 
 
+def fit_series(
+    weight: Tensor,
+    group_sizes: Sequence[int],
+    width: int,
+    nested: bool = False,
+    progress: Callable[[int], None] | None = None,
+    **btd_options,
+) -> list[BTD]:
+    """One :func:`gross.btd` fit of ``weight (C_out, C_in, kh, kw)`` per group size, in the given order.
+
+    ``nested``: each fit warm-started from the previous one (see :meth:`GroSSConv2d.from_conv`).
+    ``progress(group_size)`` is called before each fit.
+    """
+    fits: list[BTD] = []
+    for s in group_sizes:
+        if progress is not None:
+            progress(s)
+        fits.append(btd(weight, s, width=width, init=fits[-1] if nested and fits else None, **btd_options))
+    return fits
+
+
 class GroSSConv2d(nn.Module):
     """A convolution stored as a series of grouped-conv bottlenecks, one per group size.
 
@@ -126,6 +147,7 @@ class GroSSConv2d(nn.Module):
         nested: bool = False,
         width: int | None = None,
         progress: Callable[[int], None] | None = None,
+        fits: Sequence[BTD] | None = None,
         **btd_options,
     ) -> GroSSConv2d:
         """Decompose a trained ``nn.Conv2d`` at every group size and store the series.
@@ -145,6 +167,10 @@ class GroSSConv2d(nn.Module):
             Bottleneck width ``D``; default ``conv.in_channels``.
         progress : callable(group_size), optional
             Called before each group size is fitted.
+        fits : sequence of BTD, optional
+            Decompositions of ``conv.weight`` made elsewhere, one per group size, smallest first
+            (:func:`gross.decompose` with ``workers`` makes them in other processes); nothing is
+            fitted here then.
         **btd_options
             Passed to :func:`gross.btd` (``tol``, ``max_iter``, ``seed``, ...).
         """
@@ -169,12 +195,8 @@ class GroSSConv2d(nn.Module):
             device=weight.device,
             dtype=weight.dtype,
         )
-        fits: list[BTD] = []
-        for s in layer.group_sizes:
-            init = fits[-1] if nested and fits else None
-            if progress is not None:
-                progress(s)
-            fits.append(btd(weight, s, width=layer.width, init=init, **btd_options))
+        if fits is None:
+            fits = fit_series(weight, layer.group_sizes, layer.width, nested, progress, **btd_options)
         layer.load_decompositions(fits)
         if conv.bias is not None:
             with torch.no_grad():
