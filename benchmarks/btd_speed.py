@@ -33,6 +33,7 @@ Large layers and whole networks (no tensorly baseline: it takes minutes per fit 
     git show HEAD~1:src/gross/btd.py > /tmp/btd_old.py
     PYTHONPATH=src python benchmarks/btd_speed.py --large --against /tmp/btd_old.py --sizes 8,64,256
     PYTHONPATH=src python benchmarks/btd_speed.py --series resnet18,vgg16 [--distinct]
+    PYTHONPATH=src python benchmarks/btd_speed.py --series resnet18,vgg16 --workers 2 --threads 2 [--max-channels 256]
 
 ``--large`` fits a random He 512x512x3x3 weight (float32, as a conv stores it) with this checkout's
 ``gross.btd`` and, interleaved in the same process, with the ``btd`` of the file given to
@@ -43,12 +44,17 @@ Large layers and whole networks (no tensorly baseline: it takes minutes per fit 
 of an ImageNet ResNet-18 (all but the 7x7 stem) or VGG-16 (all but the first conv), on random He
 weights of the real shapes (no trained ImageNet weights are available offline); ``--distinct`` fits
 one conv per distinct shape (shared by the networks) and counts it as many times as the shape
-occurs (an estimate, said in the output). Writes ``btd_series_{NET}.{json,md}``.
+occurs (an estimate, said in the output). Fits use the decompose stage's default options
+(``DecomposeConfig().btd``). Writes ``btd_series_{NET}.{json,md}``. With ``--workers N`` it
+instead times ``gross.decompose`` over one conv of each distinct shape (up to ``--max-channels``
+input channels) with one process and with ``N`` (``btd_series_workers.{json,md}``).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import functools
 import importlib.util
 import json
 import math
@@ -59,9 +65,11 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from gross import decompose, gross_layers
 from gross.btd import PENALTY, btd, conditioning
+from gross.config import DecomposeConfig
 from gross.models import PaperNet
 
 PAPER_LAYERS = {"conv2": (32, 32), "conv3": (64, 32), "conv4": (64, 64)}  # name: (C_out, C_in)
@@ -358,7 +366,7 @@ def series(args: argparse.Namespace, out: Path) -> None:
                 w = he_weight(c_out, c_in, gen)
                 layer = []
                 for g in [2**j for j in range(c_in.bit_length())]:
-                    fit = timed_fit(btd, conditioning, w, g)
+                    fit = timed_fit(functools.partial(btd, **DecomposeConfig().btd), conditioning, w, g)
                     fit.update(c_out=c_out, c_in=c_in, g=g)
                     layer.append(fit)
                     print(json.dumps(fit), flush=True)
@@ -377,6 +385,30 @@ def series(args: argparse.Namespace, out: Path) -> None:
                   f"| {f['kappa']:.2f} |" for f in fits]
         (out / f"btd_series_{net}.md").write_text("\n".join(lines) + "\n")
         print(f"{net}: {total:.0f} s ({how})", flush=True)
+
+
+def workers(args: argparse.Namespace, out: Path) -> None:
+    """Seconds of ``gross.decompose`` over one conv of each distinct shape of the networks, one process against ``--workers``."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = sorted({shape for net in args.series.split(",") for shape in SERIES_CONVS[net] if shape[1] <= args.max_channels})
+    convs = nn.Sequential(*[nn.Conv2d(c_in, c_out, 3, padding=1, bias=False) for c_out, c_in in shapes])
+    with torch.no_grad():
+        for conv, (c_out, c_in) in zip(convs, shapes):
+            conv.weight.copy_(he_weight(c_out, c_in, gen))
+    options = DecomposeConfig().btd
+    rows = {}
+    for n in (1, args.workers):
+        start = time.perf_counter()
+        decompose(copy.deepcopy(convs), workers=n, **options)
+        rows[n] = time.perf_counter() - start
+        print(f"workers {n}: {rows[n]:.1f} s", flush=True)
+    settings = {"convs": [f"{c_out}x{c_in}x3x3" for c_out, c_in in shapes], "btd": options, "threads": args.threads,
+                "cpus": os.cpu_count(), "torch": torch.__version__, "load_average_at_end": os.getloadavg()}
+    (out / "btd_series_workers.json").write_text(json.dumps({"settings": settings, "seconds": rows}, indent=2) + "\n")
+    lines = [f"# gross.decompose with workers, {args.threads} threads in all", "", *[f"- {k}: {v}" for k, v in settings.items()], "",
+             "| workers | seconds | speed-up |", "| --- | --- | --- |"]
+    lines += [f"| {n} | {t:.1f} | {rows[1] / t:.2f}x |" for n, t in rows.items()]
+    (out / "btd_series_workers.md").write_text("\n".join(lines) + "\n")
 
 
 def _keys(path: str) -> list[str]:
@@ -402,6 +434,8 @@ def main() -> None:
     parser.add_argument("--sizes", default="8,64,256", help="group sizes for --large")
     parser.add_argument("--series", help="whole-network series times only: resnet18, vgg16 or both (comma-separated)")
     parser.add_argument("--distinct", action="store_true", help="--series: one conv per distinct shape, counted")
+    parser.add_argument("--workers", type=int, help="--series: gross.decompose of one conv per distinct shape, 1 process against this many")
+    parser.add_argument("--max-channels", type=int, default=512, help="--workers: only convs with at most this many input channels")
     parser.add_argument("--profile", action="store_true", help="time per ALS step against its arithmetic (with --against)")
     parser.add_argument("--profile-steps", type=int, default=3, help="--profile: steps timed per case")
     args = parser.parse_args()
@@ -415,6 +449,8 @@ def main() -> None:
             large(args, out)
         elif args.profile:
             profile(args, out)
+        elif args.workers:
+            workers(args, out)
         else:
             series(args, out)
         return
