@@ -34,6 +34,7 @@ Large layers and whole networks (no tensorly baseline: it takes minutes per fit 
     PYTHONPATH=src python benchmarks/btd_speed.py --large --against /tmp/btd_old.py --sizes 8,64,256
     PYTHONPATH=src python benchmarks/btd_speed.py --series resnet18,vgg16 [--distinct]
     PYTHONPATH=src python benchmarks/btd_speed.py --series resnet18,vgg16 --workers 2 --threads 2 [--max-channels 256]
+    PYTHONPATH=src python benchmarks/btd_speed.py --stopping [--weights ...] [--sizes 8,64,256]
 
 ``--large`` fits a random He 512x512x3x3 weight (float32, as a conv stores it) with this checkout's
 ``gross.btd`` and, interleaved in the same process, with the ``btd`` of the file given to
@@ -48,6 +49,8 @@ occurs (an estimate, said in the output). Fits use the decompose stage's default
 (``DecomposeConfig().btd``). Writes ``btd_series_{NET}.{json,md}``. With ``--workers N`` it
 instead times ``gross.decompose`` over one conv of each distinct shape (up to ``--max-channels``
 input channels) with one process and with ``N`` (``btd_series_workers.{json,md}``).
+``--stopping`` fits He layers (and the paper layers of ``--weights``) at each ``--rtols``
+and records how far the error creeps past ``tol``'s stop (``btd_stopping_fits.{json,md}``).
 """
 
 from __future__ import annotations
@@ -411,6 +414,38 @@ def workers(args: argparse.Namespace, out: Path) -> None:
     (out / "btd_series_workers.md").write_text("\n".join(lines) + "\n")
 
 
+def stopping(args: argparse.Namespace, out: Path) -> None:
+    """Time, steps and error of gross.btd at each ``--rtols`` on random He layers (and the paper layers of ``--weights``)."""
+    gen = torch.Generator().manual_seed(0)
+    he = {c: he_weight(c, c, gen) for c in (128, 512)}
+    cases = [(f"he{c}", he[c], g) for c, sizes in ((128, (4, 8, 32)), (512, tuple(int(s) for s in args.sizes.split(",")))) for g in sizes]
+    if args.weights:
+        layers, _ = load_layers(args.weights, quick=True)
+        cases += [(name, w, g) for name, w in layers for g in (4, 16)]
+    rtols = [float(r) for r in args.rtols.split(",")]
+    rows = []
+    for name, w, g in cases:
+        for rtol in rtols:
+            row = {"layer": name, "c_out": w.shape[0], "c_in": w.shape[1], "g": g, "rtol": rtol,
+                   **timed_fit(functools.partial(btd, rtol=rtol), conditioning, w, g)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    # How far the error still falls past tol's stop: the creep that rtol cuts short.
+    creep = btd(he[128], 8, tol=0, rtol=0, max_iter=args.creep_steps).errors
+    marks = [m for m in (50, 100, 157, 300, 600, 1000, 1500, 3000) if m < len(creep)] + [len(creep) - 1]
+    settings = {"threads": args.threads, "tol": 1e-5, "torch": torch.__version__, "load_average_at_end": os.getloadavg()}
+    (out / "btd_stopping_fits.json").write_text(json.dumps({"settings": settings, "rows": rows, "creep_he128_g8": creep}, indent=1) + "\n")
+    lines = ["# gross.btd: the relative stop (rtol) against tol alone", "", *[f"- {k}: {v}" for k, v in settings.items()], "",
+             "| layer | g | rtol | time (s) | steps | error | kappa | speed-up vs rtol 0 | error vs rtol 0 |", "|" + " --- |" * 9]
+    for r in rows:
+        ref = next(x for x in rows if x["layer"] == r["layer"] and x["g"] == r["g"] and x["rtol"] == rtols[0])
+        lines.append(f"| {r['layer']} | {r['g']} | {r['rtol']:g} | {r['time_s']:.2f} | {r['steps']} | {r['error']:.4f} | {r['kappa']:.2f} "
+                     f"| {ref['time_s'] / r['time_s']:.1f}x | {100 * (r['error'] / ref['error'] - 1):+.2f}% |")
+    lines += ["", "He 128x128, g = 8, tol 0 and rtol 0 (error after N steps): "
+              + ", ".join(f"{m}: {creep[m]:.4f}" for m in marks)]
+    (out / "btd_stopping_fits.md").write_text("\n".join(lines) + "\n")
+
+
 def _keys(path: str) -> list[str]:
     from safetensors import safe_open
 
@@ -436,19 +471,24 @@ def main() -> None:
     parser.add_argument("--distinct", action="store_true", help="--series: one conv per distinct shape, counted")
     parser.add_argument("--workers", type=int, help="--series: gross.decompose of one conv per distinct shape, 1 process against this many")
     parser.add_argument("--max-channels", type=int, default=512, help="--workers: only convs with at most this many input channels")
+    parser.add_argument("--stopping", action="store_true", help="gross.btd at each --rtols (He 128 at g 4, 8, 32; He 512 at --sizes)")
+    parser.add_argument("--rtols", default="0,5e-4,1e-3,2e-3", help="--stopping: the rtol values, the first the reference")
+    parser.add_argument("--creep-steps", type=int, default=1500, help="--stopping: steps of the tol-0 fit that shows the creep")
     parser.add_argument("--profile", action="store_true", help="time per ALS step against its arithmetic (with --against)")
     parser.add_argument("--profile-steps", type=int, default=3, help="--profile: steps timed per case")
     args = parser.parse_args()
     cap = args.cap if args.cap is not None else (5.0 if args.quick else 25.0)
 
     torch.set_num_threads(args.threads)
-    if args.large or args.series or args.profile:
+    if args.large or args.series or args.profile or args.stopping:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         if args.large:
             large(args, out)
         elif args.profile:
             profile(args, out)
+        elif args.stopping:
+            stopping(args, out)
         elif args.workers:
             workers(args, out)
         else:

@@ -234,7 +234,8 @@ def btd(
         from 0.6858 at ``tol``'s stop (157 steps) to 0.6815 after 1,500 steps, and the creep is
         what ``tol`` alone pays for on large layers. The default 1e-3 stops 1.2-2.8x sooner
         than ``rtol = 0`` at errors 0-1% higher, which reconstruction makes up for
-        (``benchmarks/btd_speed.py --stopping``, module notes). ``0``: ``tol`` alone.
+        (``benchmarks/btd_speed.py --stopping``; after training: ``experiments/btd_stopping.py``).
+        ``0``: ``tol`` alone.
     max_iter : int
         Maximum number of ALS steps (each updates ``last``, ``first`` and ``core`` once).
     init : {None, "svd", "random"} or BTD
