@@ -432,7 +432,7 @@ def stopping(args: argparse.Namespace, out: Path) -> None:
             print(json.dumps(row), flush=True)
     # How far the error still falls past tol's stop: the creep that rtol cuts short.
     creep = btd(he[128], 8, tol=0, rtol=0, max_iter=args.creep_steps).errors
-    marks = [m for m in (50, 100, 157, 300, 600, 1000, 1500, 3000) if m < len(creep)] + [len(creep) - 1]
+    marks = sorted({m for m in (0, 50, 100, 157, 300, 600, 1000, 1500, 3000) if m < len(creep)} | {len(creep) - 1})
     settings = {"threads": args.threads, "tol": 1e-5, "torch": torch.__version__, "load_average_at_end": os.getloadavg()}
     (out / "btd_stopping_fits.json").write_text(json.dumps({"settings": settings, "rows": rows, "creep_he128_g8": creep}, indent=1) + "\n")
     lines = ["# gross.btd: the relative stop (rtol) against tol alone", "", *[f"- {k}: {v}" for k, v in settings.items()], "",
