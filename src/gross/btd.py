@@ -766,8 +766,9 @@ class _Fit:
         c_own = c.reshape(n_groups, g, n_groups, g)[idx, :, idx]
         plain = self._gram_op(a, c)
 
-        def op(v: Tensor) -> Tensor:
-            return plain(v) + lam * (a_own @ v @ c_own) if lam else plain(v)
+        def op(v: Tensor, plain_v: Tensor | None = None) -> Tensor:
+            plain_v = plain(v) if plain_v is None else plain_v
+            return plain_v + lam * (a_own @ v @ c_own) if lam else plain_v
 
         if self.o >= g and self.i >= g:
             precondition = None
@@ -779,10 +780,7 @@ class _Fit:
             def precondition(v: Tensor) -> Tensor:
                 return a_inv @ v @ c_inv
 
-        if op_x is None:
-            res = b - op(x)
-        else:
-            res = b - (op_x + lam * (a_own @ x @ c_own) if lam else op_x)
+        res = b - op(x, op_x)
         z = res if precondition is None else precondition(res)
         direction = z
         rz = float((res * z).sum())

@@ -423,6 +423,12 @@ class _LayerBar:
         self.bar.close()
 
 
+def _fit_device(ctx: Context) -> torch.device:
+    """Where the decompositions run (gross.btd fits each weight on the device it is on): decompose.device, else the run's."""
+    d = ctx.cfg.decompose.device
+    return resolve_device(d) if d else ctx.device
+
+
 def stage_decompose(ctx: Context, skip_done: bool = False) -> None:
     out = ctx.run_dir / STAGE_DIRS["decompose"]
     if not _start(ctx, "decompose", out, skip_done):
@@ -440,9 +446,7 @@ def stage_decompose(ctx: Context, skip_done: bool = False) -> None:
         start = time.perf_counter()
         bar = _LayerBar(ctx)
         try:
-            # gross.btd fits each weight on the device it is on.
-            fit_on = resolve_device(d.device) if d.device else ctx.device
-            model = decompose(base.to(fit_on), group_sizes=d.group_sizes, skip=d.skip, only=d.only, nested=d.nested,
+            model = decompose(base.to(_fit_device(ctx)), group_sizes=d.group_sizes, skip=d.skip, only=d.only, nested=d.nested,
                               progress=bar, workers=d.workers, **d.btd)
         finally:
             bar.close()
@@ -520,7 +524,7 @@ def stage_fixed(ctx: Context, config: tuple[int, ...] | dict[str, int], skip_don
             start = time.perf_counter()
             bar = _LayerBar(ctx)
             try:
-                model = decompose_fixed(base.to(resolve_device(d.device) if d.device else ctx.device), named, progress=bar, workers=d.workers, **d.btd)
+                model = decompose_fixed(base.to(_fit_device(ctx)), named, progress=bar, workers=d.workers, **d.btd)
             finally:
                 bar.close()
             info = _stage_info(ctx, "decompose")
