@@ -24,12 +24,12 @@ import time
 from pathlib import Path
 
 import torch
-from paper_cifar10 import gross, seed_run
+from paper_cifar10 import gross, scorer, seed_run
 
 from gross.checkpoint import load_model
 from gross.config import resolve_config
 from gross.model import gross_layers, plan_decomposition
-from gross.train import decompose_fixed, evaluate, load_splits, prepare_batches
+from gross.train import decompose_fixed
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -63,14 +63,8 @@ def main() -> None:
     source = Path(args.source) if args.source else runs / name
     if not (source / "base" / "model.safetensors").is_file():
         sys.exit(f"{source}: no trained base network (run `gross train -c {args.config}` first, or pass --source)")
-    splits = load_splits(cfg.data)
-    batches = {s: prepare_batches(getattr(splits, s), cfg.data.eval_batch_size, "cpu", cfg.channels_last) for s in ("val", "test")}
+    score = scorer(cfg)
     base, _ = load_model(source / "base" / "model.safetensors", "cpu")
-
-    def accuracy(model: torch.nn.Module, split: str) -> float:
-        if cfg.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        return round(100 * evaluate(model, batches[split]).accuracy, 2)
 
     d = cfg.decompose
     layers = [p.name for p in plan_decomposition(base, d.group_sizes, d.skip, d.only, d.btd.get("width")) if p.sizes]
@@ -85,10 +79,10 @@ def main() -> None:
                   "--set", f"decompose.btd.rtol={rtol!r}", *[a for s in args.set for a in ("--set", s)])
             root = run / "fixed" / c
             rec = [json.loads(line) for line in (root / "reconstruct" / "metrics.jsonl").read_text().splitlines() if line]
-            trained, _ = load_model(root / "gross" / "model.safetensors", "cpu")
+            trained = score(root / "gross" / "model.safetensors")
             rows.append({
-                "config": c, "rtol": rtol, **fit, "val_decomposed": accuracy(model, "val"),
-                "val_reconstructed": round(100 * rec[-1]["val_acc"], 2), "val": accuracy(trained, "val"), "test": accuracy(trained, "test"),
+                "config": c, "rtol": rtol, **fit, "val_decomposed": score(model)["val"],
+                "val_reconstructed": round(100 * rec[-1]["val_acc"], 2), "val": trained["val"], "test": trained["test"],
             })  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)
             write(rows, args, source)

@@ -36,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -79,6 +80,24 @@ def temperature(key: str) -> tuple[float, str]:
     """The inverse of :func:`space_key`: (alpha, form) of a space named alpha4, alpha8-literal, alpha0."""
     alpha, _, form = key.removeprefix("alpha").partition("-")
     return float(alpha), form or DEFAULT_FORM
+
+
+def scorer(cfg) -> Callable[[torch.nn.Module | Path], dict]:
+    """``score(network or saved model path)``: its val and test accuracy (%) and MACs, on ``cfg``'s data (read once)."""
+    splits = load_splits(cfg.data)
+    shape = tuple(splits.test.images.shape[1:])
+    batches = {s: prepare_batches(getattr(splits, s), cfg.data.eval_batch_size, "cpu", cfg.channels_last) for s in ("val", "test")}
+
+    def score(model: torch.nn.Module | Path) -> dict:
+        if isinstance(model, Path):
+            model, _ = load_model(model, "cpu")
+        if cfg.channels_last:
+            model.to(memory_format=torch.channels_last)
+        row = {s: round(100 * evaluate(model, batches[s]).accuracy, 2) for s in ("val", "test")}
+        row["macs"] = count_macs(model, shape).total
+        return row
+
+    return score
 
 
 def space_settings(cfg, key: str) -> dict:
@@ -212,17 +231,7 @@ def main() -> None:
         spaces["nested"] = {"0": read_space(run)}
 
     # 6. Val and test accuracy of the fixed networks and the base network.
-    splits = load_splits(cfg.data)
-    shape = tuple(splits.test.images.shape[1:])
-    batches = {s: prepare_batches(getattr(splits, s), cfg.data.eval_batch_size, "cpu", cfg.channels_last) for s in ("val", "test")}
-
-    def score(path: Path) -> dict:
-        model, _ = load_model(path, "cpu")
-        if cfg.channels_last:
-            model.to(memory_format=torch.channels_last)
-        row = {s: round(100 * evaluate(model, batches[s]).accuracy, 2) for s in ("val", "test")}
-        row["macs"] = count_macs(model, shape).total
-        return row
+    score = scorer(cfg)
 
     base = score(main_run / "base" / "model.safetensors")
     fixed_scores: dict[str, dict] = {}

@@ -29,13 +29,9 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from paper_cifar10 import PAPER_TABLE3, gross, seed_run
+from paper_cifar10 import PAPER_TABLE3, gross, scorer, seed_run
 
-from gross.checkpoint import load_model
 from gross.config import resolve_config
-from gross.macs import count_macs
-from gross.train import evaluate, load_splits, prepare_batches
 
 ROOT = Path(__file__).resolve().parent.parent
 PAPER_MARGIN = {row[0]: round(row[2] - PAPER_TABLE3["uniform:16"]["uniform"], 2) for row in PAPER_TABLE3["uniform:16"]["rows"]}
@@ -147,15 +143,7 @@ def main() -> None:
     common = ["-c", args.config, "-q", *[a for s in args.set for a in ("--set", s)]]
     overrides = lengths(args.reconstruct_epochs)
 
-    splits = load_splits(cfg.data)
-    shape = tuple(splits.test.images.shape[1:])
-    batches = {s: prepare_batches(getattr(splits, s), cfg.data.eval_batch_size, "cpu", cfg.channels_last) for s in ("val", "test")}
-
-    def score(path: Path) -> dict:
-        model, _ = load_model(path, "cpu")
-        if cfg.channels_last:
-            model.to(memory_format=torch.channels_last)
-        return {**{s: round(100 * evaluate(model, batches[s]).accuracy, 2) for s in ("val", "test")}, "macs": count_macs(model, shape).total}
+    score = scorer(cfg)
 
     summary: dict = {
         "config": args.config, "overrides": args.set, "source": str(source), "base": score(source / "base" / "model.safetensors"),
