@@ -317,15 +317,19 @@ def test_warm_start_from_float32_and_exact():
     assert fit32.core.dtype == torch.float32 and fit32.errors[-1] < 1e-5
 
 
-def test_float32():
-    w64 = he_weight(16, 12, seed=10)
-    fit = btd(w64.float(), 4)
+@pytest.mark.parametrize("c, g", [(12, 4), (64, 8)])  # core step by Cholesky, and by CG
+def test_float32(c, g):
+    # A float32 weight is fitted in float32 while the error is large: the same fit as in float64
+    # to float32's rounding, and an exact one still continues (in float64) to an exact fit.
+    w64 = he_weight(16 if c == 12 else c, c, seed=10)
+    fit = btd(w64.float(), g, max_iter=40, rtol=0)
     assert all(t.dtype == torch.float32 for t in fit[:3])
-    ref = btd(w64, 4)
+    ref = btd(w64, g, max_iter=40, rtol=0)
     assert fit.errors[-1] == pytest.approx(ref.errors[-1], abs=1e-4)
+    assert conditioning(fit) == pytest.approx(conditioning(ref), abs=1e-3)
     assert rel_error(btd_to_weight(fit).double(), w64) == pytest.approx(fit.errors[-1], abs=1e-5)
-    exact = btd_to_weight(random_btd(16, 16, 16, 4, seed=13)).float()
-    assert rel_error(btd_to_weight(btd(exact, 4)), exact) < 1e-5
+    exact = btd_to_weight(random_btd(c, c, c, g, seed=13)).float()
+    assert rel_error(btd_to_weight(btd(exact, g, init="random")), exact) < 1e-5
 
 
 @pytest.mark.parametrize("c_out, c_in, d, g", [(12, 8, 8, 2), (6, 16, 16, 4), (16, 16, 16, 16), (16, 8, 8, 1)])

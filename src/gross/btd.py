@@ -26,9 +26,8 @@ scale in the core, and SGD on such factors diverged at the paper's reconstructio
 Cost
 ----
 A step touches the weight only through two products, ``Q^T W`` and ``W (B P)^T`` (``2 K O I D``
-flops each, one GEMM on the out-mode unfolding each, in float32 for a float32 weight while the
-error is above 1%); the extrapolated point's ``Q^T W`` follows from the step's by linearity and the
-blocks' QR factors. Everything else is ``O(K D^2 g)``: the two Gram sandwiches ``sum_k B_k C
+flops each, one GEMM on the out-mode unfolding each); the extrapolated point's ``Q^T W`` follows
+from the step's by linearity and the blocks' QR factors. Everything else is ``O(K D^2 g)``: the two Gram sandwiches ``sum_k B_k C
 B_k^T``, the core's normal operator (a few CG iterations, each one operator), and the
 extrapolated point's error (one operator), run over chunks of taps whose ``D x D``
 intermediates fit in cache. So at 512 channels and small ``g`` the data products are the step,
@@ -152,7 +151,7 @@ _CG_REL_TOL = 1e-6
 # Taps per chunk of the Gram-side products: about this many elements (8 MB) of D x D intermediates
 # (at 512 channels, g = 8, 1 thread, load ~7: 2^18, 2^20 and all 9 taps gave 1.60, 1.34, 1.46 s per step).
 _CHUNK_ELEMENTS = 1 << 20
-# Below this relative error, float32 weights' data products switch to float64 (_Fit.__init__).
+# Below this relative error, fits of float32 weights continue in float64 (_Fit.__init__).
 _FLOAT32_MIN_ERROR = 1e-2
 # Errors below this are computed from the residual instead of from Gram matrices.
 _GRAM_ERROR_MIN = 1e-4
@@ -228,9 +227,9 @@ def btd(
     Parameters
     ----------
     weight : Tensor, shape (C_out, C_in, kh, kw)
-        Floating-point conv weight, on any device; the fit runs on that device, in float64
-        except for the two products with the weight in each step, which a float32 (or lower
-        precision) weight gets in float32 while the relative error is above 1%.
+        Floating-point conv weight, on any device; the fit runs on that device, in float64 for a
+        float64 weight; a float32 (or lower precision) weight is fitted in float32 while the
+        relative error is above 1%, then in float64.
     group_size : int
         ``g``: channels per group of the grouped conv; must divide ``width``.
     width : int, optional
@@ -569,23 +568,32 @@ class _Fit:
     Shapes: ``W (K, O, I)``, ``P (D, I)`` (``first``), ``Q (O, D)`` (``last``), ``X (K, G, g, g)``.
     """
 
-    def __init__(self, w: Tensor, g: int, d: int, seed: int, penalty: float, data_dtype: torch.dtype = torch.float64) -> None:
-        self.w = w
+    def __init__(self, w: Tensor, g: int, d: int, seed: int, penalty: float, work_dtype: torch.dtype = torch.float64) -> None:
         self.k, self.o, self.i = w.shape
         self.g, self.d, self.n_groups = g, d, d // g
         self.seed = seed
         self.mu = penalty if self.n_groups > 1 else 0.0
+        # A fit of a float32 (or lower precision) weight runs in float32 while its error is above
+        # _FLOAT32_MIN_ERROR: float32 rounds the Gram-form squared error by ~1e-7 of |W|^2, far
+        # below any tol in use at such errors, and a step costs 1.5-1.8x less at 512 channels (both
+        # the matrix products and the memory-bound batched block products), at the same errors and
+        # kappa (module notes). A nearly exact fit would stop on that rounding, so it continues in
+        # float64 (:meth:`promote`). Float64 weights keep float64 throughout.
+        self._w64 = w
+        self._use(w.to(torch.float64 if work_dtype == torch.float64 else torch.float32))
+
+    def _use(self, w: Tensor) -> None:
+        """Make ``w (K, O, I)`` the data, in the precision the fit runs in."""
+        self.w = w
         self.norm = w.norm().clamp_min(torch.finfo(w.dtype).tiny)
         self.norm_sq = self.norm**2
         self.w_out = w.permute(1, 0, 2).reshape(self.o, -1)  # (O, K*I): out-mode unfolding
         self.w_in = w.reshape(-1, self.i)  # (K*O, I): in-mode unfolding (transposed)
-        # The two products with the data (``Q^T W``, ``W (B P)^T``) dominate a step on large
-        # layers; they run in the weight's own precision when that is float32 or lower (2.4x
-        # faster on this project's CPU) while the error is above _FLOAT32_MIN_ERROR: they change
-        # the Gram-form squared error by ~1e-7 of |W|^2, far below any tol in use at such errors,
-        # but not below the error of a nearly exact fit, which continues in float64 (see als).
-        # Float64 weights keep float64 throughout.
-        self.w_data = self.w_out if data_dtype == torch.float64 else self.w_out.to(torch.float32)
+
+    def promote(self, *tensors: Tensor) -> list[Tensor]:
+        """Continue the fit in float64: the data and ``tensors``, converted."""
+        self._use(self._w64)
+        return [t.to(torch.float64) for t in tensors]
 
     # --- basic pieces ---------------------------------------------------------------------------
 
@@ -601,15 +609,15 @@ class _Fit:
         )
 
     def _randn(self, *shape: int, gen: torch.Generator) -> Tensor:
-        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(self.w.device)
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(self.w.device, self.w.dtype)
 
     def _inner(self, p: Tensor, x: Tensor) -> Tensor:
         """``blockdiag(X_k) @ P`` for every tap: ``(K, D, I)``."""
         return (x @ p.reshape(self.n_groups, self.g, self.i)).reshape(self.k, self.d, self.i)
 
     def _qtw(self, q: Tensor) -> Tensor:
-        """``Q^T W`` as ``(D, K * I)``: row ``d``, then tap and input channel (one GEMM, float64)."""
-        return (q.T.to(self.w_data.dtype) @ self.w_data).to(torch.float64)
+        """``Q^T W`` as ``(D, K * I)``: row ``d``, then tap and input channel (one GEMM)."""
+        return q.T @ self.w_out
 
     def error(self, p: Tensor, q: Tensor, x: Tensor) -> float:
         return float((self.w - q @ self._inner(p, x)).norm() / self.norm)
@@ -685,7 +693,7 @@ class _Fit:
         n_groups, g, k, i = self.n_groups, self.g, self.k, self.i
         xs = x.permute(1, 2, 0, 3).reshape(n_groups, g * k, g)  # [r, (a, k), b]
         bp = (xs @ p.reshape(n_groups, g, i)).reshape(self.d, k * i)  # (B_k P)[(r, a), (k, i)]
-        rhs = (self.w_data @ bp.T.to(self.w_data.dtype)).to(torch.float64)  # (O, D)
+        rhs = self.w_out @ bp.T  # (O, D)
         gram = _scale_diagonal_blocks(self._sandwich(x, c), n_groups, 1 + lam)
         return _solve_psd(gram, rhs.T).T
 
@@ -855,8 +863,8 @@ class _Fit:
         """
         gen = self._generator()
         k, o, i, g = self.k, self.o, self.i, self.g
-        # The start only needs to be near a good minimum (ALS refines it in float64), and the
-        # passes over the residual are memory-bound: float32 halves their cost.
+        # The start only needs to be near a good minimum (ALS refines it), and the passes over
+        # the residual are memory-bound: float32 halves their cost.
         res = self.w.to(torch.float32)
         ps, qs = [], []
         for _ in range(self.n_groups):
@@ -867,8 +875,8 @@ class _Fit:
                 utr = u.T @ res  # (K, g, I)
                 v = _leading_left(utr.reshape(-1, i).T, g)
             res = res - u @ (utr @ v) @ v.T
-            ps.append(self._pad_rows(v.T.double(), g, gen))
-            qs.append(self._pad_rows(u.T.double(), g, gen).T)
+            ps.append(self._pad_rows(v.T.to(self.w.dtype), g, gen))
+            qs.append(self._pad_rows(u.T.to(self.w.dtype), g, gen).T)
         return self._with_core(torch.cat(ps), torch.cat(qs, dim=1))
 
     def algebraic_init(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -922,9 +930,10 @@ class _Fit:
         if g0 <= 0 or self.g % g0:
             raise ValueError(f"init has group size {g0}, which does not divide group_size={self.g}")
         dev = self.w.device
-        core = expand(core.detach().to(dev, torch.float64), g0, self.g)
-        p = first.detach().to(dev, torch.float64).reshape(self.d, self.i)
-        q = last.detach().to(dev, torch.float64).reshape(self.o, self.d)
+        dt = self.w.dtype
+        core = expand(core.detach().to(dev, dt), g0, self.g)
+        p = first.detach().to(dev, dt).reshape(self.d, self.i)
+        q = last.detach().to(dev, dt).reshape(self.o, self.d)
         return self._normalise(p, q, _core_to_blocks(core))
 
     # --- the iteration ------------------------------------------------------------------------------
@@ -951,6 +960,13 @@ class _Fit:
             k = _block_sq_norms(p, q, x, self.g) / float(self.norm_sq)
         return err * math.sqrt(1 + self.mu * k), k
 
+    def _assess(self, p: Tensor, q: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, float, float, float]:
+        """``(A, C, Q^T W, op(X), error, objective, k)`` of normalised factors."""
+        a, c, qtw = q.T @ q, p @ p.T, self._qtw(q)
+        sq, op_x = self._sq_error(p, x, a, c, qtw)
+        err = self._error(sq, p, q, x)
+        return a, c, qtw, op_x, err, *self._objective(err, p, q, x)
+
     def als(self, state: tuple[Tensor, Tensor, Tensor], tol: float, rtol: float, max_iter: int):
         """ALS steps from ``state``.
 
@@ -965,22 +981,22 @@ class _Fit:
         worse than the start. With ``mu = 0`` the errors themselves strictly decrease.
         """
         p, q, x = state
-        a, c = q.T @ q, p @ p.T  # Grams of the current factors, carried from step to step
-        qtw = self._qtw(q)
-        sq, op_x = self._sq_error(p, x, a, c, qtw)
-        err = self._error(sq, p, q, x)
-        if err < _FLOAT32_MIN_ERROR and self.w_data is not self.w_out:
-            self.w_data = self.w_out
-            qtw = self._qtw(q)
-            sq, op_x = self._sq_error(p, x, a, c, qtw)
-            err = self._error(sq, p, q, x)
-        obj, k = self._objective(err, p, q, x)
+        # Grams of the current factors, Q^T W and the core operator's product, carried from step to step.
+        a, c, qtw, op_x, err, obj, k = self._assess(p, q, x)
+        if err < _FLOAT32_MIN_ERROR and self.w.dtype != torch.float64:
+            p, q, x = self.promote(p, q, x)
+            a, c, qtw, op_x, err, obj, k = self._assess(p, q, x)
         errors, objectives = [err], [obj]
         if err <= _EXACT:  # exact to rounding (e.g. the Tucker case): nothing left to fit
             return p, q, x, errors
         kept, kept_qtw = (p, q, x), qtw
         beta = _EXTRAP_INIT
         for step in range(max_iter):
+            if err < _FLOAT32_MIN_ERROR and self.w.dtype != torch.float64:
+                p, q, x = self.promote(*kept)
+                a, c, qtw, op_x, err, obj, k = self._assess(p, q, x)
+                kept, kept_qtw = (p, q, x), qtw
+                errors[-1], objectives[-1] = err, obj
             lam = self.mu * err**2 / (1 + self.mu * k)
             x = self._core_step(a, c, self._core_rhs(p, qtw), x, lam, op_x)
             op_x = None
@@ -993,8 +1009,6 @@ class _Fit:
             p, x = self._normalise_first(p, x)  # Q is unchanged, so Q^T W and A stay valid
             c = p @ p.T
             obj, k = self._objective(err, p, q, x)
-            if err < _FLOAT32_MIN_ERROR:
-                self.w_data = self.w_out
             if step > 0:
                 # Extrapolate along the step's change ("line search" out of ALS swamps). Q^T W
                 # is linear in Q, so the extrapolated point's is extrapolated too.
