@@ -206,8 +206,11 @@ def test_constructor_and_from_conv_errors():
 
 def test_default_group_sizes():
     assert gross.default_group_sizes(64) == (1, 2, 4, 8, 16, 32, 64)
-    assert gross.default_group_sizes(48) == (1, 2, 4, 8, 16)
+    # A width that is no power of two keeps its full-rank member, unless it has no other choice.
+    assert gross.default_group_sizes(48) == (1, 2, 4, 8, 16, 48)
+    assert gross.default_group_sizes(1) == (1,)
     assert gross.default_group_sizes(3) == (1,)
+    assert gross.default_group_sizes(6) == (1, 2, 6)
 
 
 def test_repr_is_short():

@@ -121,7 +121,7 @@ class TrainConfig(OptimConfig):
 class DecomposeConfig:
     skip: list[str] = field(default_factory=list)  # module names, or shell-style patterns (layer1.*.conv2), left alone
     only: list[str] = field(default_factory=list)  # if given, only convs whose names match one of these shell-style patterns are decomposed
-    group_sizes: list[int] | None = None  # candidate group sizes of every layer (those dividing its width are kept); null: every power of two
+    group_sizes: list[int] | None = None  # candidate group sizes of every layer (those dividing its width are kept); null: every power of two and the width (gross.default_group_sizes)
     nested: bool = False  # fit each group size warm-started from the previous one (smaller difference terms); false: independently, as the paper (the default until a full experiment compares the trained spaces)
     btd: dict = field(default_factory=lambda: {"max_iter": 200})  # options of gross.btd (tol, rtol, max_iter, seed); the paper: tol 1e-6, rtol 0
     device: str | None = None  # where the fits run: cpu, cuda, cuda:N or auto; null: the run's device

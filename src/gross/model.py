@@ -165,7 +165,7 @@ def decompose(
     group_sizes : sequence of int, or dict name -> sequence of int, optional
         Candidate sizes; for each layer the ones that divide its width are kept. A dict leaves
         layers it does not name alone, and a size in it that does not divide the named layer's
-        width is an error. Default: every power of two dividing the width.
+        width is an error. Default: :func:`gross.default_group_sizes` of each layer's width.
     skip : iterable of str
         Module names (as in ``named_modules``) or shell-style patterns (``layer1.*.conv2``) to
         leave alone; a name covers the convs inside that module (``layer1``, ``stem``).

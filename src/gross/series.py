@@ -28,14 +28,19 @@ __all__ = ["GroSSConv2d", "default_group_sizes"]
 
 
 def default_group_sizes(width: int) -> tuple[int, ...]:
-    """Every power of two that divides ``width``, smallest first."""
+    """Every power of two that divides ``width``, smallest first, then ``width`` itself.
+
+    ``width`` (one group: the full-rank Tucker member, what the layer could at most keep) is
+    added when it is no power of two only if some power above 1 divides it, so that a 3-channel
+    input conv keeps its single choice and stays out of the search.
+    """
     sizes = []
     s = 1
-    while width % s == 0:
+    while width % s == 0 and s <= width:
         sizes.append(s)
         s *= 2
-        if s > width:
-            break
+    if sizes[-1] != width and len(sizes) > 1:
+        sizes.append(width)
     return tuple(sizes)
 
 
@@ -73,8 +78,8 @@ class GroSSConv2d(nn.Module):
     kernel_size, stride, padding, dilation, bias, padding_mode
         As in :class:`torch.nn.Conv2d` (``groups`` is always 1 for the original conv).
     group_sizes : sequence of int, optional
-        Candidate group sizes; each must divide ``width``. Default: every power of two that
-        divides ``width``.
+        Candidate group sizes; each must divide ``width``. Default: :func:`default_group_sizes`
+        (the powers of two dividing ``width``, and ``width``).
     width : int, optional
         Bottleneck width ``D``; default ``in_channels``.
 
@@ -157,7 +162,7 @@ class GroSSConv2d(nn.Module):
         conv : nn.Conv2d
             A convolution with ``groups == 1``.
         group_sizes : sequence of int, optional
-            Default: every power of two dividing the width.
+            Default: :func:`default_group_sizes` of the width.
         nested : bool
             Fit each size warm-started from the previous (expanded) one, so each difference
             term only adds what the smaller sizes missed. ``False`` (the default, as the paper)
