@@ -33,7 +33,7 @@ Large layers and whole networks (no tensorly baseline: it takes minutes per fit 
     git show HEAD~1:src/gross/btd.py > /tmp/btd_old.py
     PYTHONPATH=src python benchmarks/btd_speed.py --large --against /tmp/btd_old.py --sizes 8,64,256
     PYTHONPATH=src python benchmarks/btd_speed.py --series resnet18,vgg16 [--distinct]
-    PYTHONPATH=src python benchmarks/btd_speed.py --series resnet18,vgg16 --workers 2 --threads 2 [--max-channels 256]
+    PYTHONPATH=src python benchmarks/btd_speed.py --series resnet18,vgg16 --workers 1 2 --threads 2 [--max-channels 256] [--every-conv]
     PYTHONPATH=src python benchmarks/btd_speed.py --stopping [--weights ...] [--sizes 8,64,256]
 
 ``--large`` fits a random He 512x512x3x3 weight (float32, as a conv stores it) with this checkout's
@@ -46,9 +46,11 @@ of an ImageNet ResNet-18 (all but the 7x7 stem) or VGG-16 (all but the first con
 weights of the real shapes (no trained ImageNet weights are available offline); ``--distinct`` fits
 one conv per distinct shape (shared by the networks) and counts it as many times as the shape
 occurs (an estimate, said in the output). Fits use the decompose stage's default options
-(``DecomposeConfig().btd``). Writes ``btd_series_{NET}.{json,md}``. With ``--workers N`` it
-instead times ``gross.decompose`` over one conv of each distinct shape (up to ``--max-channels``
-input channels) with one process and with ``N`` (``btd_series_workers.{json,md}``).
+(``DecomposeConfig().btd``). Writes ``btd_series_{NET}.{json,md}``. With ``--workers N [N ...]``
+it instead times ``gross.decompose`` (wall seconds) over one conv of each distinct shape (up to
+``--max-channels`` input channels) with each number of processes (``btd_series_workers.{json,md}``);
+with ``--every-conv`` over every conv, the decompose stage's whole work on that network
+(``btd_decompose_{NETS}.{json,md}``).
 ``--stopping`` fits He layers (and the paper layers of ``--weights``) at each ``--rtols``
 and records how far the error creeps past ``tol``'s stop (``btd_stopping_fits.{json,md}``).
 """
@@ -391,27 +393,37 @@ def series(args: argparse.Namespace, out: Path) -> None:
 
 
 def workers(args: argparse.Namespace, out: Path) -> None:
-    """Seconds of ``gross.decompose`` over one conv of each distinct shape of the networks, one process against ``--workers``."""
+    """Wall seconds of ``gross.decompose`` of the networks' 3x3 convs with each of ``--workers`` processes.
+
+    One conv per distinct shape, or with ``--every-conv`` every conv (the decompose stage's whole work).
+    """
     gen = torch.Generator().manual_seed(0)
-    shapes = sorted({shape for net in args.series.split(",") for shape in SERIES_CONVS[net] if shape[1] <= args.max_channels})
+    nets = args.series.split(",")
+    shapes = [shape for net in nets for shape in SERIES_CONVS[net] if shape[1] <= args.max_channels]
+    if not args.every_conv:
+        shapes = sorted(set(shapes))
     convs = nn.Sequential(*[nn.Conv2d(c_in, c_out, 3, padding=1, bias=False) for c_out, c_in in shapes])
     with torch.no_grad():
         for conv, (c_out, c_in) in zip(convs, shapes):
             conv.weight.copy_(he_weight(c_out, c_in, gen))
     options = DecomposeConfig().btd
     rows = {}
-    for n in (1, args.workers):
+    for n in args.workers:
         start = time.perf_counter()
         decompose(copy.deepcopy(convs), workers=n, **options)
         rows[n] = time.perf_counter() - start
         print(f"workers {n}: {rows[n]:.1f} s", flush=True)
-    settings = {"convs": [f"{c_out}x{c_in}x3x3" for c_out, c_in in shapes], "btd": options, "threads": args.threads,
-                "cpus": os.cpu_count(), "torch": torch.__version__, "load_average_at_end": os.getloadavg()}
-    (out / "btd_series_workers.json").write_text(json.dumps({"settings": settings, "seconds": rows}, indent=2) + "\n")
+    settings = {"networks": nets, "convs": f"{'every' if args.every_conv else 'one per distinct shape'}: "
+                + ", ".join(f"{c_out}x{c_in}x3x3" for c_out, c_in in shapes), "group sizes": "every power of two",
+                "btd": options, "threads": args.threads, "cpus": os.cpu_count(), "torch": torch.__version__,
+                "load_average_at_end": os.getloadavg()}
+    stem = f"btd_decompose_{'_'.join(nets)}" if args.every_conv else "btd_series_workers"
+    (out / f"{stem}.json").write_text(json.dumps({"settings": settings, "seconds": rows}, indent=2) + "\n")
+    first = next(iter(rows.values()))
     lines = [f"# gross.decompose with workers, {args.threads} threads in all", "", *[f"- {k}: {v}" for k, v in settings.items()], "",
-             "| workers | seconds | speed-up |", "| --- | --- | --- |"]
-    lines += [f"| {n} | {t:.1f} | {rows[1] / t:.2f}x |" for n, t in rows.items()]
-    (out / "btd_series_workers.md").write_text("\n".join(lines) + "\n")
+             "| workers | seconds | speed-up over the first row |", "| --- | --- | --- |"]
+    lines += [f"| {n} | {t:.1f} | {first / t:.2f}x |" for n, t in rows.items()]
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
 
 
 def stopping(args: argparse.Namespace, out: Path) -> None:
@@ -469,7 +481,9 @@ def main() -> None:
     parser.add_argument("--sizes", default="8,64,256", help="group sizes for --large")
     parser.add_argument("--series", help="whole-network series times only: resnet18, vgg16 or both (comma-separated)")
     parser.add_argument("--distinct", action="store_true", help="--series: one conv per distinct shape, counted")
-    parser.add_argument("--workers", type=int, help="--series: gross.decompose of one conv per distinct shape, 1 process against this many")
+    parser.add_argument("--workers", type=int, nargs="+",
+                        help="--series: wall time of gross.decompose of one conv per distinct shape with each of these process counts")
+    parser.add_argument("--every-conv", action="store_true", help="--workers: every conv of the networks (the decompose stage's work)")
     parser.add_argument("--max-channels", type=int, default=512, help="--workers: only convs with at most this many input channels")
     parser.add_argument("--stopping", action="store_true", help="gross.btd at each --rtols (He 128 at g 4, 8, 32; He 512 at --sizes)")
     parser.add_argument("--rtols", default="0,5e-4,1e-3,2e-3", help="--stopping: the rtol values, the first the reference")

@@ -187,7 +187,7 @@ def decompose(
         shared out, largest first. A fit's many small products use threads poorly: on this
         project's quiet 2-core machine two workers of one thread fitted ResNet-18's convs of up
         to 256 input channels in 61.9 s against 70.2 s for one process of two threads
-        (``benchmarks/btd_speed.py --series resnet18 --workers 2 --threads 2 --max-channels
+        (``benchmarks/btd_speed.py --series resnet18 --workers 1 2 --threads 2 --max-channels
         256``); more cores should gain more (not measured). Each process starts by importing
         torch, which costs a few seconds. Weights on a GPU are fitted one at a time.
     **btd_options
