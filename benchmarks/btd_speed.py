@@ -73,7 +73,7 @@ import torch
 from torch import nn
 
 from gross import decompose, gross_layers
-from gross.btd import PENALTY, RTOL, btd, conditioning
+from gross.btd import PENALTY, RTOL, RTOL_MIN_WORK, btd, conditioning
 from gross.config import DecomposeConfig
 from gross.models import PaperNet
 
@@ -516,7 +516,8 @@ def main() -> None:
         "threads": args.threads,
         "baseline": f"tensorly {tensorly.__version__} partial_tucker HOOI per block, cold start, pytorch backend, float32; "
         f"stop at error decrease < {BASELINE_TOL} per sweep or after {cap:g} s ({args.cap_large:g} s for conv256)",
-        "gross": f"gross.btd defaults (tol 1e-5, rtol {RTOL:g}, float64 internally), penalty {args.penalty:g}",
+        "gross": f"gross.btd defaults (tol 1e-5; rtol {RTOL:g} from {RTOL_MIN_WORK} multiply-adds per data product, else 0; "
+        f"float32 while the error is above 1% for float32 weights), penalty {args.penalty:g}",
         "torch": torch.__version__,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible",
         "load_average_at_start": os.getloadavg(),

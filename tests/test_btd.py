@@ -176,6 +176,16 @@ def test_errors_monotone_and_converged():
     assert all(early[j - 10] - early[j] >= 1e-2 * early[j] for j in range(10, len(early) - 1))
 
 
+def test_default_rtol_only_on_large_layers(monkeypatch):
+    # By default the relative stop applies from RTOL_MIN_WORK multiply-adds per data product
+    # (C_out C_in kh kw D); below it the fit is tol's alone.
+    w = he_weight(16, 16, seed=4)
+    assert btd(w, 4).errors == btd(w, 4, rtol=0).errors
+    monkeypatch.setattr(btd_module, "RTOL_MIN_WORK", w.numel() * 16)
+    assert btd(w, 4).errors == btd(w, 4, rtol=btd_module.RTOL).errors
+    assert len(btd(w, 4).errors) < len(btd(w, 4, rtol=0).errors)
+
+
 @pytest.mark.parametrize("init", ["random", None])
 def test_penalised_objective_decreases(init):
     # F = e (1 + mu k) after n steps never rises with n (each run retraces the shorter ones).

@@ -181,8 +181,8 @@ def test_the_cli_runs_every_stage_on_a_network_given_by_file_and_weights(tmp_pat
     assert meta["adopted"] == str(tmp_path / "mynet.pt") and meta["arch"]["model"] == REFERENCE
     assert {"val_acc", "test_acc", "macs"} <= set(meta["final"]) and meta["final"]["macs"] == gross.count_macs(original, (3, 12, 12)).total
     # Every conv is decomposed or left dense with its reason.
-    for line in ("[decompose] stem: left dense (group sizes [1]: nothing to choose)", "[decompose] block.conv1: group sizes [1, 2, 4, 8]",
-                 "[decompose] down: group sizes [1, 2, 4, 8]", "[decompose] dw: left dense (depthwise conv)",
+    for line in ("[decompose] stem: left dense (group sizes [1]: nothing to choose)", "[decompose] block.conv1: group sizes [1, 2, 4, 8, 24]",
+                 "[decompose] down: group sizes [1, 2, 4, 8, 24]", "[decompose] dw: left dense (depthwise conv)",
                  "[decompose] pw: left dense (1x1 kernel"):
         assert line in err, line
     decomposed = json.loads((run / "gross" / "arch.json").read_text())["arch"]["layers"]

@@ -65,7 +65,8 @@ Nothing tried cut through it: Anderson acceleration of the ALS map (depth 1-5, s
 the objective; tried on 128-channel He weights and not kept) took as many steps as the
 extrapolation below or more, and warm starts from the next smaller size (the nested series)
 saved little over a whole series. So the fit also
-stops when ten steps gained less than ``rtol`` (1e-3) of the objective. With that, the
+stops when ten steps gained less than ``rtol`` (1e-3) of the objective (by default on layers of
+256 x 256 x 3 x 3 and up; see ``btd``). With that, the
 blocks' norms in the objective taken from the core (the factors are orthonormal when it is computed),
 and the core's first CG residual taken from the error's operator product, whole fits of a
 512x512x3x3 He weight (float32, 1 thread), against the file before this work
@@ -155,9 +156,11 @@ _CHUNK_ELEMENTS = 1 << 20
 _FLOAT32_MIN_ERROR = 1e-2
 # Errors below this are computed from the residual instead of from Gram matrices.
 _GRAM_ERROR_MIN = 1e-4
-# The default rtol, and the number of steps it looks back over (see btd's rtol).
+# The default rtol, the number of steps it looks back over, and the least work per step
+# (C_out C_in kh kw D, the products with the weight) of the fits it applies to by default (see btd's rtol).
 RTOL = 1e-3
 _RTOL_WINDOW = 10
+RTOL_MIN_WORK = 1 << 27
 # A step that lowers the error by this fraction of itself continues even below tol.
 _MIN_RELATIVE_DECREASE = 0.01
 # The error below which a fit is exact (no steps).
@@ -216,7 +219,7 @@ def btd(
     *,
     width: int | None = None,
     tol: float = 1e-5,
-    rtol: float = RTOL,
+    rtol: float | None = None,
     max_iter: int = 2000,
     init: str | BTD | None = None,
     seed: int = 0,
@@ -239,17 +242,21 @@ def btd(
         less than ``tol`` in one step (and by less than 1% of itself, which only matters for
         nearly exact fits). The paper stops at 1e-6; on the trained paper network that took 2.6x
         the steps of 1e-5 for a mean relative error 0.5% lower.
-    rtol : float
+    rtol : float, optional
         Also stop when the last ten steps together lowered the objective by less than ``rtol``
-        times its value. ALS creeps: on a random 128x128x3x3 weight at ``g = 8`` the error fell
+        times its value. Default: ``RTOL`` (1e-3) where a step's products with the weight are
+        large (``C_out C_in kh kw D >= 2^27``: 256 x 256 x 3 x 3 and up, where a fit to ``tol``
+        alone takes over ~10 s on one core), else 0: the creep is cheap to follow on small
+        layers, and cutting it may cost accuracy (below). ALS creeps: on a random 128x128x3x3 weight at ``g = 8`` the error fell
         from 0.6858 at ``tol``'s stop (157 steps) to 0.6815 after 1,500 steps, and the creep is
         what ``tol`` alone pays for on large layers. The default 1e-3 stopped 2.0-2.8x sooner
         than ``rtol = 0`` on random 128- and 512-channel weights, at errors 0.3-0.5% higher
         (``benchmarks/btd_speed.py --stopping``). Trained alone (short protocol) after such
         fits, two configurations of the paper network scored the same on val (mean -0.02
         points over two seeds) and 0.17-0.43 lower on test in all four pairs than after the
-        paper's stop (``experiments/btd_stopping.py``): a small cost is likely. ``0``: ``tol``
-        alone, the paper's stop.
+        paper's stop (``experiments/btd_stopping.py``): a small cost is likely. On such small
+        layers the default is therefore ``tol`` alone; whether the cost persists after full-length
+        training, or on large layers, is not measured. ``0``: ``tol`` alone, the paper's stop.
     max_iter : int
         Maximum number of ALS steps (each updates ``last``, ``first`` and ``core`` once).
     init : {None, "svd", "random"} or BTD
@@ -288,6 +295,8 @@ def btd(
         raise ValueError(f"width must be a positive int, got {width!r}")
     if not isinstance(group_size, int) or group_size <= 0 or d % group_size:
         raise ValueError(f"group_size must be a positive divisor of the width D={d}, got {group_size!r}")
+    if rtol is None:
+        rtol = RTOL if weight.numel() * d >= RTOL_MIN_WORK else 0.0
     if tol < 0 or rtol < 0 or max_iter < 0:
         raise ValueError(f"tol, rtol and max_iter must be non-negative, got tol={tol}, rtol={rtol}, max_iter={max_iter}")
     if not isinstance(penalty, (int, float)) or not penalty >= 0 or not math.isfinite(penalty):
