@@ -64,16 +64,18 @@ and by another 0.6% over 1,343 steps after it (``--stopping``, ``btd_stopping_fi
 Nothing tried cut through it: Anderson acceleration of the ALS map (depth 1-5, safeguarded by
 the objective; tried on 128-channel He weights and not kept) took as many steps as the
 extrapolation below or more, and warm starts from the next smaller size (the nested series)
-saved little over a whole series. So the fit also
-stops when ten steps gained less than ``rtol`` (1e-3) of the objective (by default on layers of
-256 x 256 x 3 x 3 and up; see ``btd``). With that, the
-blocks' norms in the objective taken from the core (the factors are orthonormal when it is computed),
-and the core's first CG residual taken from the error's operator product, whole fits of a
-512x512x3x3 He weight (float32, 1 thread), against the file before this work
-(``6575cd6``) in one process (``--large --against OLD``, ``benchmarks/results/btd_large.md``,
-load 3.5-4 from other jobs): g = 8: 128 -> 36 s (3.5x), g = 64: 256 -> 71 s (3.6x), g = 256:
-582 -> 181 s (3.2x), errors 0.35-0.37% higher, kappa 1.29-1.34 in both; 52-84 steps against
-117-136. The goal of 10x is not met: a step costs 1.6-2.1x less and there are 1.5-2.3x fewer.
+saved little over a whole series. So the fit also stops when ten steps gained less than
+``rtol`` (1e-3) of the objective (by default on layers of 256 x 256 x 3 x 3 and up; see
+``btd``). With that, the blocks' norms in the objective taken from the core (the factors are
+orthonormal when it is computed), the core's first CG residual taken from the error's operator
+product, and a float32 weight fitted in float32 while its error is above 1% (each step 1.5-1.8x
+cheaper at 512 channels, at the same errors and kappa: float32 rounding is far below the error
+of such fits), whole fits of a 512x512x3x3 He weight (float32, 1 thread), against the file
+before this work (``6575cd6``) in one process (``--large --against OLD``,
+``benchmarks/results/btd_large.md``, load 2.2-2.9 from other jobs): g = 8: 105 -> 17 s (6.2x),
+g = 64: 146 -> 19 s (7.5x), g = 256: 311 -> 53 s (5.9x), errors 0.34-0.36% higher, kappa
+1.29-1.34 in both; 52-84 steps against 117-136. The goal of 10x is not met: a step costs 2.8-3.9x
+less and there are 1.5-2.3x fewer.
 
 Conditioning
 ------------
