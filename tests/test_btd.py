@@ -342,6 +342,15 @@ def test_float32(c, g):
     assert rel_error(btd_to_weight(btd(exact, g, init="random")), exact) < 1e-5
 
 
+def test_float32_fit_stops_where_float64_does():
+    # With C_out < D the fit creeps for hundreds of steps at an error of a few percent, where
+    # float32's rounding of the objective (~1e-6) mimics a stall: the stop is decided in float64.
+    w64 = he_weight(16, 64, seed=21)
+    fit32, fit64 = btd(w64.float(), 8), btd(w64, 8)
+    assert 0.02 < fit64.errors[-1] < 0.1 and len(fit64.errors) > 300
+    assert fit32.errors[-1] == pytest.approx(fit64.errors[-1], rel=5e-3)
+
+
 @pytest.mark.parametrize("c_out, c_in, d, g", [(12, 8, 8, 2), (6, 16, 16, 4), (16, 16, 16, 16), (16, 8, 8, 1)])
 def test_blocks_are_balanced(c_out, c_in, d, g):
     # Per block: the rows of first, the core and the columns of last have equal norms, and the

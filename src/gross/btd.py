@@ -1002,8 +1002,9 @@ class _Fit:
             return p, q, x, errors
         kept, kept_qtw = (p, q, x), qtw
         beta = _EXTRAP_INIT
+        hand_over = False  # a float32 fit that would stop continues in float64, which decides
         for step in range(max_iter):
-            if err < _FLOAT32_MIN_ERROR and self.w.dtype != torch.float64:
+            if self.w.dtype != torch.float64 and (hand_over or err < _FLOAT32_MIN_ERROR):
                 p, q, x = self.promote(*kept)
                 a, c, qtw, op_x, err, obj, k = self._assess(p, q, x)
                 kept, kept_qtw = (p, q, x), qtw
@@ -1035,15 +1036,20 @@ class _Fit:
                 else:
                     beta = max(beta / 2, _EXTRAP_MIN)
             decrease = objectives[-1] - obj
-            if decrease <= 0:
-                break
-            kept, kept_qtw = (p, q, x), qtw
-            errors.append(err)
-            objectives.append(obj)
-            # The relative clause only matters for (nearly) exact fits, which converge linearly
-            # towards zero and would otherwise stop at an objective of about tol.
-            if decrease < tol and decrease < _MIN_RELATIVE_DECREASE * obj:
-                break
-            if len(objectives) > _RTOL_WINDOW and objectives[-1 - _RTOL_WINDOW] - obj < rtol * obj:
-                break
+            stop = decrease <= 0
+            if not stop:
+                kept, kept_qtw = (p, q, x), qtw
+                errors.append(err)
+                objectives.append(obj)
+                # The relative clause only matters for (nearly) exact fits, which converge linearly
+                # towards zero and would otherwise stop at an objective of about tol.
+                stop = (decrease < tol and decrease < _MIN_RELATIVE_DECREASE * obj) or (
+                    len(objectives) > _RTOL_WINDOW and objectives[-1 - _RTOL_WINDOW] - obj < rtol * obj
+                )
+            if stop:
+                # float32's rounding of the objective (~1e-6 at errors of a few percent) can
+                # mimic a stall, so the decision to stop is float64's.
+                if self.w.dtype == torch.float64:
+                    break
+                hand_over = True
         return *kept, errors
