@@ -162,9 +162,10 @@ def test_steady_allocator_reuses_freed_activations():
         x * 2  # a fresh 8 MiB result, freed at once
     # Handed back to the kernel at every free, each would fault its 2048 pages in again (without
     # the setting: 10241 faults here, glibc's own tuning; 20490 with a fixed 128 KiB threshold).
-    # Reused, none does, but one or two may come from fresh heap when other tests ran before
-    # (seen: 2048 faults after the latency table tests), so the bound is three results' pages.
-    assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < 3 * 2048
+    # Reused, none does, but some may come from fresh heap when other tests ran before (seen:
+    # 2048 faults after the latency table tests, 6904 once in a full run under load), so the bound
+    # is half of the 10 results' pages that handing them back would fault.
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < 5 * 2048
 
 
 def flop_clock(fns, **_):
