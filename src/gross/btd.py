@@ -27,10 +27,11 @@ Cost
 ----
 A step touches the weight only through two products, ``Q^T W`` and ``W (B P)^T`` (``2 K O I D``
 flops each, one GEMM on the out-mode unfolding each); the extrapolated point's ``Q^T W`` follows
-from the step's by linearity and the blocks' QR factors. Everything else is ``O(K D^2 g)``: the two Gram sandwiches ``sum_k B_k C
-B_k^T``, the core's normal operator (a few CG iterations, each one operator), and the
-extrapolated point's error (one operator), run over chunks of taps whose ``D x D``
-intermediates fit in cache. So at 512 channels and small ``g`` the data products are the step,
+from the step's by linearity and the blocks' QR factors. Everything else is ``O(K D^2 g)``: the
+two Gram sandwiches ``sum_k B_k C B_k^T``, the core's normal operator (a few CG iterations, each
+one operator), and the extrapolated point's error (one operator), run over chunks of taps whose
+``D x D`` intermediates fit in cache. All of it runs in float32 for a float32 weight until the
+error falls below 1% or the fit would stop (see ``btd``'s ``weight``). So at 512 channels and small ``g`` the data products are the step,
 and at ``g = D / 2`` the operators are (``benchmarks/btd_speed.py --profile``, below).
 
 Measured (``benchmarks/btd_speed.py --profile --against OLD``, ``OLD`` the previous version of
@@ -249,9 +250,9 @@ def btd(
         times its value. Default: ``RTOL`` (1e-3) where a step's products with the weight are
         large (``C_out C_in kh kw D >= 2^27``: 256 x 256 x 3 x 3 and up, where a fit to ``tol``
         alone takes over ~10 s on one core), else 0: the creep is cheap to follow on small
-        layers, and cutting it may cost accuracy (below). ALS creeps: on a random 128x128x3x3 weight at ``g = 8`` the error fell
-        from 0.6858 at ``tol``'s stop (157 steps) to 0.6815 after 1,500 steps, and the creep is
-        what ``tol`` alone pays for on large layers. The default 1e-3 stopped 2.0-2.8x sooner
+        layers, and cutting it may cost accuracy (below). ALS creeps: on a random 128x128x3x3
+        weight at ``g = 8`` the error fell from 0.6858 at ``tol``'s stop (157 steps) to 0.6815
+        after 1,500 steps, and the creep is what ``tol`` alone pays for on large layers. The default 1e-3 stopped 2.0-2.8x sooner
         than ``rtol = 0`` on random 128- and 512-channel weights, at errors 0.3-0.5% higher
         (``benchmarks/btd_speed.py --stopping``). Trained alone (short protocol) after such
         fits, two configurations of the paper network scored the same on val (mean -0.02
