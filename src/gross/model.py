@@ -185,10 +185,10 @@ def decompose(
         Processes fitting at once, each with ``torch.get_num_threads() // workers`` threads
         (at least one): the fits of every layer and size (of every layer, when ``nested``) are
         shared out, largest first. A fit's many small products use threads poorly: on this
-        project's quiet 2-core machine two workers of one thread fitted ResNet-18's convs of up
-        to 256 input channels in 61.9 s against 70.2 s for one process of two threads
-        (``benchmarks/btd_speed.py --series resnet18 --workers 1 2 --threads 2 --max-channels
-        256``); more cores should gain more (not measured). Each process starts by importing
+        project's quiet 2-core machine two workers of one thread decomposed every 3x3 conv of an
+        ImageNet ResNet-18 at every power-of-two size in 364 s against 479 s for one process of
+        two threads (``benchmarks/btd_speed.py --series resnet18 --workers 1 2 --threads 2
+        --every-conv``); more cores should gain more (not measured). Each process starts by importing
         torch, which costs a few seconds. Weights on a GPU are fitted one at a time.
     **btd_options
         Passed to :func:`gross.btd`.
