@@ -974,9 +974,12 @@ class _Fit:
             k = _block_sq_norms(p, q, x, self.g) / float(self.norm_sq)
         return err * math.sqrt(1 + self.mu * k), k
 
-    def _assess(self, p: Tensor, q: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, float, float, float]:
-        """``(A, C, Q^T W, op(X), error, objective, k)`` of normalised factors."""
-        a, c, qtw = q.T @ q, p @ p.T, self._qtw(q)
+    def _assess(
+        self, p: Tensor, q: Tensor, x: Tensor, qtw: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, float, float, float]:
+        """``(A, C, Q^T W, op(X), error, objective, k)`` of normalised factors (``qtw``: ``Q^T W`` where known)."""
+        a, c = q.T @ q, p @ p.T
+        qtw = self._qtw(q) if qtw is None else qtw
         sq, op_x = self._sq_error(p, x, a, c, qtw)
         err = self._error(sq, p, q, x)
         return a, c, qtw, op_x, err, *self._objective(err, p, q, x)
@@ -1029,10 +1032,7 @@ class _Fit:
                 # is linear in Q, so the extrapolated point's is extrapolated too.
                 moved = (new + beta * (new - old) for new, old in zip((p, q, x, qtw), (*kept, kept_qtw)))
                 pe, qe, xe, qtw_e = self._normalise_with_qtw(*moved)
-                a_e, c_e = qe.T @ qe, pe @ pe.T
-                sq_e, op_e = self._sq_error(pe, xe, a_e, c_e, qtw_e)
-                err_e = self._error(sq_e, pe, qe, xe)
-                obj_e, k_e = self._objective(err_e, pe, qe, xe)
+                a_e, c_e, qtw_e, op_e, err_e, obj_e, k_e = self._assess(pe, qe, xe, qtw_e)
                 if obj_e < obj:
                     p, q, x, qtw, a, c, err, obj, k, op_x = pe, qe, xe, qtw_e, a_e, c_e, err_e, obj_e, k_e, op_e
                     beta = min(beta * 1.5, _EXTRAP_MAX)

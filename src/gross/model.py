@@ -188,8 +188,8 @@ def decompose(
         project's quiet 2-core machine two workers of one thread decomposed every 3x3 conv of an
         ImageNet ResNet-18 at every power-of-two size in 364 s against 479 s for one process of
         two threads (``benchmarks/btd_speed.py --series resnet18 --workers 1 2 --threads 2
-        --every-conv``); more cores should gain more (not measured). Each process starts by importing
-        torch, which costs a few seconds. Weights on a GPU are fitted one at a time.
+        --every-conv``); more cores should gain more (not measured). Each process starts by
+        importing torch, which costs a few seconds. Weights on a GPU are fitted one at a time.
     **btd_options
         Passed to :func:`gross.btd`.
 

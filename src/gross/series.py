@@ -39,7 +39,7 @@ def default_group_sizes(width: int) -> tuple[int, ...]:
     while width % s == 0 and s <= width:
         sizes.append(s)
         s *= 2
-    if sizes[-1] != width and len(sizes) > 1:
+    if len(sizes) > 1 and sizes[-1] != width:
         sizes.append(width)
     return tuple(sizes)
 
